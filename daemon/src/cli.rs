@@ -1,0 +1,589 @@
+//! The command line. Every command but `daemon` is a thin client of the IPC
+//! API: it sends one method with the same name and shape and prints the
+//! result, as the JSON object itself with `--json`, for humans otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use mariesync_ffi::{Client, ClientError, HOME_ENV, HomePaths};
+use mariesync_protocol::ipc::method;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "mariesync",
+    version,
+    about = "MarieSync: local-first sync of workspaces and settings"
+)]
+struct Cli {
+    /// Keep all of this device's state under DIR.
+    #[arg(long, global = true, env = HOME_ENV, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground until SIGINT or SIGTERM.
+    Daemon(DaemonArgs),
+    /// Print this device's ID.
+    Id,
+    /// Show the daemon, its workspaces and peers.
+    Status,
+    /// Stop the running daemon.
+    Stop,
+    /// Add, list and remove workspaces.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+    /// Tell the daemon these files were just saved.
+    Touched {
+        workspace: String,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Wait until every local change made before this call is scanned and stored.
+    Flush { workspace: String },
+    /// Create, list, compare and restore checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Inspect and maintain the chunk store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// Print events as JSON lines as they happen.
+    Events {
+        /// Replay the events after this sequence number first.
+        #[arg(long)]
+        since: Option<u64>,
+    },
+    /// Send one raw IPC call and print its result.
+    Ipc {
+        method: String,
+        params: Option<String>,
+    },
+    /// Bridge stdin/stdout to the daemon's socket (for IDEs).
+    Proxy {
+        #[arg(long, required = true)]
+        stdio: bool,
+    },
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// Listen on this multiaddr (repeatable); replaces the defaults.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Don't discover peers on the LAN.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Reach peers through this relay.
+    #[arg(long)]
+    relay: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum WorkspaceCommand {
+    /// Start syncing the folder at PATH.
+    Add {
+        path: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// Accept a workspace offered by a peer under this ID.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    List,
+    /// Stop syncing; files stay where they are.
+    Remove {
+        workspace: String,
+    },
+    /// Resume a paused workspace, accepting its current contents.
+    Resume {
+        workspace: String,
+    },
+    /// List the files indexed in a workspace.
+    Files {
+        workspace: String,
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    Create {
+        workspace: String,
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    List {
+        workspace: String,
+    },
+    /// Compare checkpoint A with B (default: the current state).
+    Diff {
+        workspace: String,
+        a: String,
+        b: Option<String>,
+    },
+    /// Make the workspace equal to a checkpoint (undoable).
+    Restore {
+        workspace: String,
+        checkpoint_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    Stats,
+    /// Check every referenced chunk; drop corrupt ones so they are stored again.
+    Verify,
+    /// Delete chunks nothing references.
+    Gc,
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let json_output = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json_output && !matches!(e, Failure::Reported(_)) {
+                let error = match &e {
+                    Failure::Client(ClientError::Rpc(rpc)) => json!({ "error": rpc }),
+                    other => json!({ "error": { "message": other.to_string() } }),
+                };
+                println!("{error}");
+            }
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Other(String),
+    /// A failure whose JSON result was already printed.
+    #[error("{0}")]
+    Reported(String),
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let paths = HomePaths::resolve(cli.home.as_deref()).map_err(Failure::Other)?;
+    let json_output = cli.json;
+    let (name, params) = match cli.command {
+        Command::Daemon(args) => return run_daemon(paths, args),
+        Command::Proxy { .. } => return proxy(&paths),
+        Command::Events { since } => return follow_events(&paths, since),
+        Command::Ipc { method, params } => {
+            let params: Value = match params {
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| Failure::Other(format!("PARAMS_JSON is not valid JSON: {e}")))?,
+                None => json!({}),
+            };
+            let result = Client::connect(&paths)?.call(&method, params)?;
+            println!(
+                "{}",
+                if json_output {
+                    result.to_string()
+                } else {
+                    serde_json::to_string_pretty(&result).unwrap_or_default()
+                }
+            );
+            return Ok(());
+        }
+        Command::Id => (method::ID, json!({})),
+        Command::Status => (method::STATUS, json!({})),
+        Command::Stop => (method::SHUTDOWN, json!({})),
+        Command::Workspace(WorkspaceCommand::Add { path, name, id }) => {
+            let path = std::path::absolute(&path).unwrap_or(path);
+            (
+                method::WORKSPACE_ADD,
+                json!({"path": path, "name": name, "id": id}),
+            )
+        }
+        Command::Workspace(WorkspaceCommand::List) => (method::WORKSPACE_LIST, json!({})),
+        Command::Workspace(WorkspaceCommand::Remove { workspace }) => {
+            (method::WORKSPACE_REMOVE, json!({"workspace": workspace}))
+        }
+        Command::Workspace(WorkspaceCommand::Resume { workspace }) => {
+            (method::WORKSPACE_RESUME, json!({"workspace": workspace}))
+        }
+        Command::Workspace(WorkspaceCommand::Files { workspace, prefix }) => (
+            method::WORKSPACE_FILES,
+            json!({"workspace": workspace, "prefix": prefix}),
+        ),
+        Command::Touched {
+            workspace,
+            paths: files,
+        } => {
+            let files: Vec<PathBuf> = files
+                .into_iter()
+                .map(|p| std::path::absolute(&p).unwrap_or(p))
+                .collect();
+            (
+                method::WORKSPACE_TOUCHED,
+                json!({"workspace": workspace, "paths": files}),
+            )
+        }
+        Command::Flush { workspace } => (method::FLUSH, json!({"workspace": workspace})),
+        Command::Checkpoint(CheckpointCommand::Create { workspace, message }) => (
+            method::CHECKPOINT_CREATE,
+            json!({"workspace": workspace, "message": message}),
+        ),
+        Command::Checkpoint(CheckpointCommand::List { workspace }) => {
+            (method::CHECKPOINT_LIST, json!({"workspace": workspace}))
+        }
+        Command::Checkpoint(CheckpointCommand::Diff { workspace, a, b }) => (
+            method::CHECKPOINT_DIFF,
+            json!({"workspace": workspace, "from": a, "to": b}),
+        ),
+        Command::Checkpoint(CheckpointCommand::Restore {
+            workspace,
+            checkpoint_id,
+        }) => (
+            method::CHECKPOINT_RESTORE,
+            json!({"workspace": workspace, "checkpoint_id": checkpoint_id}),
+        ),
+        Command::Store(StoreCommand::Stats) => (method::STORE_STATS, json!({})),
+        Command::Store(StoreCommand::Verify) => (method::STORE_VERIFY, json!({})),
+        Command::Store(StoreCommand::Gc) => (method::STORE_GC, json!({})),
+    };
+    let params = strip_nulls(params);
+    let mut client = Client::connect(&paths)?;
+    let result = client.call(name, params)?;
+    let verify_failed = name == method::STORE_VERIFY && result["ok"] == false;
+    if json_output {
+        println!("{result}");
+    } else {
+        print_human(name, &result);
+    }
+    if verify_failed {
+        return Err(Failure::Reported(
+            "the store has corrupt or missing chunks; they were dropped and will be stored again from files that still have them".into(),
+        ));
+    }
+    if json_output {
+        return Ok(());
+    }
+    if name == method::WORKSPACE_ADD && std::io::stderr().is_terminal() {
+        if let Some(id) = result["workspace_id"].as_str() {
+            show_scan_progress(&mut client, id);
+        }
+    }
+    Ok(())
+}
+
+fn run_daemon(paths: HomePaths, args: DaemonArgs) -> Result<(), Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    crate::daemon::run(crate::daemon::Options {
+        paths,
+        listen: args.listen,
+        mdns: !args.no_mdns,
+        relay: args.relay,
+    })
+    .map_err(|e| Failure::Other(format!("{e:#}")))
+}
+
+/// Drops `null` members so optional params are simply absent.
+fn strip_nulls(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).collect())
+        }
+        other => other,
+    }
+}
+
+fn print_human(name: &str, result: &Value) {
+    let mut out = std::io::stdout().lock();
+    let str_of = |v: &Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
+    let _ = match name {
+        method::ID => writeln!(out, "{}", str_of(&result["device_id"])),
+        method::WORKSPACE_ADD => writeln!(
+            out,
+            "added workspace {} at {}",
+            str_of(&result["workspace_id"]),
+            str_of(&result["path"])
+        ),
+        method::STATUS | method::WORKSPACE_LIST => {
+            if name == method::STATUS {
+                let _ = writeln!(out, "device {}", str_of(&result["device_id"]));
+            }
+            let workspaces = result["workspaces"].as_array().cloned().unwrap_or_default();
+            if workspaces.is_empty() {
+                writeln!(
+                    out,
+                    "no workspaces; add one with `mariesync workspace add PATH`"
+                )
+            } else {
+                for w in workspaces {
+                    let mut state = str_of(&w["state"]);
+                    if let Some(reason) = w["reason"].as_str() {
+                        state = format!("{state} ({reason})");
+                    }
+                    if let Some(p) = w.get("progress") {
+                        state = format!("{state} {}/{} files", p["files_done"], p["files_total"]);
+                    }
+                    let _ = writeln!(
+                        out,
+                        "{:<20} {:<10} {:>8} files {:>10}  {}  [{}]",
+                        str_of(&w["name"]),
+                        state,
+                        w["files"],
+                        human_bytes(w["bytes"].as_u64().unwrap_or(0)),
+                        str_of(&w["path"]),
+                        str_of(&w["workspace_id"]),
+                    );
+                    if w["watcher"]["state"] == "degraded" {
+                        let _ = writeln!(
+                            out,
+                            "    watcher degraded: {} (rescanning periodically)",
+                            str_of(&w["watcher"]["reason"])
+                        );
+                    }
+                    for clash in w["case_clashes"].as_array().into_iter().flatten() {
+                        let _ = writeln!(
+                            out,
+                            "    names differ only in case: {} / {}",
+                            str_of(&clash[0]),
+                            str_of(&clash[1])
+                        );
+                    }
+                    for skipped in w["skipped"].as_array().into_iter().flatten() {
+                        let _ = writeln!(out, "    not synced: {}", str_of(skipped));
+                    }
+                }
+                Ok(())
+            }
+        }
+        method::WORKSPACE_FILES => {
+            for f in result["files"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{:<8} {:>10}  {}",
+                    str_of(&f["kind"]),
+                    f["size"],
+                    str_of(&f["path"])
+                );
+            }
+            Ok(())
+        }
+        method::CHECKPOINT_CREATE => {
+            writeln!(out, "checkpoint {}", str_of(&result["checkpoint_id"]))
+        }
+        method::CHECKPOINT_LIST => {
+            for c in result["checkpoints"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{:>5}  {}  {:>8} files {:>10}  {}",
+                    str_of(&c["checkpoint_id"]),
+                    str_of(&c["created"]),
+                    c["files"],
+                    human_bytes(c["bytes"].as_u64().unwrap_or(0)),
+                    str_of(&c["message"])
+                );
+            }
+            Ok(())
+        }
+        method::CHECKPOINT_DIFF => {
+            for (label, key) in [("A", "added"), ("M", "modified"), ("D", "deleted")] {
+                for path in result[key].as_array().into_iter().flatten() {
+                    let _ = writeln!(out, "{label} {}", str_of(path));
+                }
+            }
+            Ok(())
+        }
+        method::CHECKPOINT_RESTORE => {
+            let _ = writeln!(
+                out,
+                "restored checkpoint {}: {} written, {} deleted; undo with `mariesync checkpoint restore WS {}`",
+                str_of(&result["checkpoint_id"]),
+                result["written"],
+                result["deleted"],
+                str_of(&result["undo_checkpoint_id"])
+            );
+            for error in result["errors"].as_array().into_iter().flatten() {
+                let _ = writeln!(out, "  not restored: {}", str_of(error));
+            }
+            Ok(())
+        }
+        method::STORE_STATS => writeln!(
+            out,
+            "{} chunks, {} of content stored in {} ({} database file)",
+            result["chunks"],
+            human_bytes(result["raw_bytes"].as_u64().unwrap_or(0)),
+            human_bytes(result["stored_bytes"].as_u64().unwrap_or(0)),
+            human_bytes(result["database_bytes"].as_u64().unwrap_or(0))
+        ),
+        method::STORE_VERIFY => {
+            let _ = writeln!(out, "{} chunks checked", result["chunks_checked"]);
+            for c in result["corrupt"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "corrupt: {} ({})",
+                    str_of(&c["chunk"]),
+                    str_of(&c["reason"])
+                );
+            }
+            for c in result["missing"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "missing: {} ({})",
+                    str_of(&c["chunk"]),
+                    str_of(&c["owner"])
+                );
+            }
+            Ok(())
+        }
+        method::STORE_GC => writeln!(
+            out,
+            "removed {} chunks, freed {}",
+            result["chunks_removed"],
+            human_bytes(result["bytes_freed"].as_u64().unwrap_or(0))
+        ),
+        _ => Ok(()),
+    };
+}
+
+/// Shows the initial scan of a new workspace as a progress bar (a TTY only).
+fn show_scan_progress(client: &mut Client, workspace_id: &str) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("scanning");
+    loop {
+        let Ok(status) = client.call(method::STATUS, json!({})) else {
+            break;
+        };
+        let Some(w) = status["workspaces"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["workspace_id"] == workspace_id))
+            .cloned()
+        else {
+            break;
+        };
+        if w["state"] != "scanning" {
+            bar.finish_with_message(format!("indexed {} files", w["files"]));
+            break;
+        }
+        if let Some(p) = w.get("progress") {
+            bar.set_length(p["bytes_total"].as_u64().unwrap_or(0));
+            bar.set_position(p["bytes_done"].as_u64().unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn follow_events(paths: &HomePaths, since: Option<u64>) -> Result<(), Failure> {
+    let mut client = Client::connect(paths)?;
+    let params = match since {
+        Some(since) => json!({ "since": since }),
+        None => json!({}),
+    };
+    client.call(method::EVENTS_SUBSCRIBE, params)?;
+    let stdout = std::io::stdout();
+    loop {
+        let notification = client.next_notification()?;
+        let mut out = stdout.lock();
+        if writeln!(out, "{}", notification.params)
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Copies bytes both ways between stdin/stdout and the daemon's socket.
+fn proxy(paths: &HomePaths) -> Result<(), Failure> {
+    use std::io::Read;
+    let stream = Client::connect(paths)?.into_stream();
+    let (mut from_daemon, mut to_daemon) = {
+        use interprocess::local_socket::traits::Stream as _;
+        #[allow(deprecated)]
+        stream.split()
+    };
+    let upstream = std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                // The IDE closed our stdin: it is gone, and so are we.
+                Ok(0) | Err(_) => std::process::exit(0),
+                Ok(n) => {
+                    if to_daemon.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match from_daemon.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stdout
+                    .write_all(&buf[..n])
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    drop(upstream);
+    Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,792 @@
+//! The daemon: owns the store, the workspace workers and the IPC server, and
+//! answers every IPC method.
+//!
+//! Startup takes the home's lock, opens the store, restarts every
+//! workspace's worker (each begins with a full scan that also finishes
+//! interrupted restores and removes leftover temporary files) and only then
+//! opens the socket. Shutdown closes the socket, stops the workers between
+//! two commits and closes the database.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use mariesync_ffi::HomePaths;
+use mariesync_protocol::ipc::{
+    CheckpointCreateParams, CheckpointDiffParams, CheckpointRestoreParams, ErrorCode, RpcError,
+    TouchedParams, WorkspaceAddParams, WorkspaceFilesParams, WorkspaceParams, event_kind, method,
+    parse_params,
+};
+use mariesync_protocol::{CheckpointId, DeviceKey, FileKind, RelPath, WorkspaceId};
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+
+use crate::checkpoint;
+use crate::events::EventLog;
+use crate::scan::Scope;
+use crate::store::{Store, WorkspaceRecord, WorkspaceState};
+use crate::workspace::{self, Activity, Job, store_rpc_error};
+
+pub struct Options {
+    pub paths: HomePaths,
+    pub listen: Vec<String>,
+    pub mdns: bool,
+    pub relay: Option<String>,
+}
+
+pub struct Daemon {
+    pub paths: HomePaths,
+    pub store: Arc<Store>,
+    pub device_id: String,
+    pub device_key: DeviceKey,
+    pub events: Arc<EventLog>,
+    workspaces: Mutex<BTreeMap<u32, workspace::Handle>>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Runs the daemon until SIGINT, SIGTERM or the `shutdown` method.
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let paths = options.paths;
+    for dir in [&paths.config_dir, &paths.data_dir, &paths.runtime_dir] {
+        create_private_dir(dir)?;
+    }
+    let _lock = lock_home(&paths)?;
+    let identity = crate::identity::load_or_create(&paths.device_key())?;
+    let store = Arc::new(
+        Store::open(&paths.database())
+            .with_context(|| format!("cannot open the database {}", paths.database().display()))?,
+    );
+    if !options.listen.is_empty() || options.relay.is_some() || !options.mdns {
+        tracing::info!(
+            "network options are recorded; peer-to-peer replication is not part of this build yet"
+        );
+    }
+
+    // Event sequence numbers continue across restarts: each run starts a new
+    // epoch above everything handed out before.
+    let epoch = store
+        .meta_get("event_epoch")?
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .unwrap_or(0)
+        + 1;
+    store.meta_put("event_epoch", Some(&epoch.to_le_bytes()))?;
+    let events = Arc::new(EventLog::new(epoch << 32));
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let daemon = Arc::new(Daemon {
+        paths: paths.clone(),
+        store: store.clone(),
+        device_key: DeviceKey::of_device_id(&identity.device_id),
+        device_id: identity.device_id,
+        events,
+        workspaces: Mutex::new(BTreeMap::new()),
+        shutdown,
+    });
+    for (number, record) in store.workspaces()? {
+        daemon.start_worker(number, &record, true);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let socket = paths.socket();
+        let name = socket.as_os_str().to_fs_name::<GenericFilePath>()?;
+        let mut listener_options = ListenerOptions::new().name(name).try_overwrite(true);
+        #[cfg(unix)]
+        {
+            use interprocess::os::unix::local_socket::ListenerOptionsExt;
+            listener_options = listener_options.mode(0o600);
+        }
+        let listener = listener_options
+            .create_tokio()
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
+        tracing::info!(device_id = %daemon.device_id, socket = %socket.display(), "mariesync daemon ready");
+        let server = tokio::spawn(crate::ipc::serve(listener, daemon.clone(), shutdown_rx.clone()));
+        wait_for_shutdown(shutdown_rx).await;
+        tracing::info!("shutting down");
+        let _ = daemon.shutdown.send(true);
+        let _ = server.await;
+        anyhow::Ok(())
+    });
+    let handles: Vec<workspace::Handle> =
+        std::mem::take(&mut *daemon.workspaces.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_values()
+            .collect();
+    for handle in handles {
+        handle.stop();
+    }
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    let _ = std::fs::remove_file(paths.socket());
+    result
+}
+
+async fn wait_for_shutdown(mut shutdown: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {} to this user", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Takes the home's exclusive lock for the daemon's lifetime, and records
+/// the holder's pid in it for the message a second daemon prints.
+fn lock_home(paths: &HomePaths) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = paths.lock_file();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            anyhow::bail!(
+                "another mariesync daemon (pid {}) already runs for home {}; stop it with `mariesync stop --home {}` first",
+                if holder.is_empty() { "unknown" } else { holder },
+                paths.home.display(),
+                paths.home.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+impl Daemon {
+    fn start_worker(&self, number: u32, record: &WorkspaceRecord, startup: bool) {
+        let paused = match &record.state {
+            WorkspaceState::Paused { reason } => Some(reason.clone()),
+            WorkspaceState::Active => None,
+        };
+        let context = workspace::Context {
+            store: self.store.clone(),
+            events: self.events.clone(),
+            device: self.device_key,
+        };
+        let handle = workspace::start(
+            context,
+            number,
+            record.id,
+            record.name.clone(),
+            PathBuf::from(&record.path),
+            paused,
+            startup,
+        );
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(number, handle);
+    }
+
+    /// Answers one IPC request.
+    pub async fn handle(
+        self: &Arc<Self>,
+        method_name: &str,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        if *self.shutdown.borrow() {
+            return Err(RpcError::new(
+                ErrorCode::ShuttingDown,
+                "the daemon is shutting down",
+            ));
+        }
+        match method_name {
+            method::SHUTDOWN => {
+                let _ = self.shutdown.send(true);
+                Ok(json!({}))
+            }
+            method::FLUSH => {
+                let p: WorkspaceParams = parse_params(params)?;
+                self.job(&p.workspace, |reply| Job::Scan {
+                    scope: Scope::Full,
+                    reply: Some(reply),
+                })
+                .await
+            }
+            method::WORKSPACE_TOUCHED => {
+                let p: TouchedParams = parse_params(params)?;
+                let root = self.resolve(&p.workspace)?.root.clone();
+                let paths = p
+                    .paths
+                    .iter()
+                    .map(|path| relative_to(&root, path))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.job(&p.workspace, |reply| Job::Scan {
+                    scope: Scope::Paths(paths),
+                    reply: Some(reply),
+                })
+                .await
+            }
+            method::CHECKPOINT_CREATE => {
+                let p: CheckpointCreateParams = parse_params(params)?;
+                let message = p.message.unwrap_or_default();
+                self.job(&p.workspace, |reply| Job::Checkpoint { message, reply })
+                    .await
+            }
+            method::CHECKPOINT_RESTORE => {
+                let p: CheckpointRestoreParams = parse_params(params)?;
+                let id = parse_checkpoint_id(&p.checkpoint_id)?;
+                self.job(&p.workspace, |reply| Job::Restore { id, reply })
+                    .await
+            }
+            method::CHECKPOINT_DIFF => {
+                // "The current state" is what is on disk now: index it first.
+                let p: CheckpointDiffParams = parse_params(params.clone())?;
+                if p.to.is_none() {
+                    self.job(&p.workspace, |reply| Job::Scan {
+                        scope: Scope::Full,
+                        reply: Some(reply),
+                    })
+                    .await?;
+                }
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    this.handle_blocking(method::CHECKPOINT_DIFF, params)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(RpcError::new(
+                        ErrorCode::Internal,
+                        format!("request failed: {e}"),
+                    ))
+                })
+            }
+            method::WORKSPACE_RESUME => {
+                let p: WorkspaceParams = parse_params(params)?;
+                self.job(&p.workspace, |reply| Job::Resume { reply }).await
+            }
+            _ => {
+                let this = self.clone();
+                let method_name = method_name.to_owned();
+                tokio::task::spawn_blocking(move || this.handle_blocking(&method_name, params))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(RpcError::new(
+                            ErrorCode::Internal,
+                            format!("request failed: {e}"),
+                        ))
+                    })
+            }
+        }
+    }
+
+    async fn job(
+        &self,
+        workspace: &str,
+        make: impl FnOnce(workspace::Reply) -> Job,
+    ) -> Result<Value, RpcError> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let shared = self.resolve(workspace)?;
+            let workspaces = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+            let handle = workspaces
+                .get(&shared.number)
+                .ok_or_else(|| not_found(workspace))?;
+            handle.send(make(reply))?;
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(RpcError::new(
+                ErrorCode::ShuttingDown,
+                "the workspace stopped before answering",
+            ))
+        })
+    }
+
+    /// Methods that only read or change the store: run off the async threads.
+    fn handle_blocking(
+        self: &Arc<Self>,
+        method_name: &str,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        let store_err = |e: crate::store::StoreError| store_rpc_error(&e);
+        match method_name {
+            method::ID => Ok(json!({ "device_id": self.device_id })),
+            method::STATUS => {
+                let workspaces = self.workspace_statuses(true)?;
+                Ok(json!({
+                    "device_id": self.device_id,
+                    "home": self.paths.home.display().to_string(),
+                    "listen_addrs": [],
+                    "peers": [],
+                    "workspaces": workspaces,
+                }))
+            }
+            method::WORKSPACE_LIST => Ok(json!({ "workspaces": self.workspace_statuses(false)? })),
+            method::WORKSPACE_ADD => {
+                let p: WorkspaceAddParams = parse_params(params)?;
+                self.add_workspace(p)
+            }
+            method::WORKSPACE_REMOVE => {
+                let p: WorkspaceParams = parse_params(params)?;
+                let number = self.resolve(&p.workspace)?.number;
+                let handle = self
+                    .workspaces
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&number);
+                let id = handle.as_ref().map(|h| h.shared.id.to_string());
+                if let Some(handle) = handle {
+                    handle.stop();
+                }
+                self.store.remove_workspace(number).map_err(store_err)?;
+                self.events
+                    .publish(event_kind::WORKSPACE_REMOVED, json!({ "workspace_id": id }));
+                Ok(json!({}))
+            }
+            method::WORKSPACE_FILES => {
+                let p: WorkspaceFilesParams = parse_params(params)?;
+                let number = self.resolve(&p.workspace)?.number;
+                let prefix = p
+                    .prefix
+                    .map(RelPath::new)
+                    .transpose()
+                    .map_err(|e| RpcError::new(ErrorCode::InvalidPath, e.to_string()))?;
+                let files = self
+                    .store
+                    .files(number, prefix.as_ref())
+                    .map_err(store_err)?;
+                let files: Vec<Value> = files
+                    .iter()
+                    .filter(|f| !f.entry.deleted)
+                    .map(|f| {
+                        let e = &f.entry;
+                        let mut v = json!({
+                            "path": e.path.as_str(),
+                            "kind": e.kind.as_str(),
+                            "size": e.size,
+                            "executable": e.executable,
+                            "content_hash": e.content_hash.to_hex(),
+                            "sequence": e.sequence,
+                        });
+                        if let Some(target) = &e.symlink_target {
+                            v["symlink_target"] = target.clone().into();
+                        }
+                        v
+                    })
+                    .collect();
+                Ok(json!({ "files": files }))
+            }
+            method::CHECKPOINT_LIST => {
+                let p: WorkspaceParams = parse_params(params)?;
+                let number = self.resolve(&p.workspace)?.number;
+                let list: Vec<Value> = self
+                    .store
+                    .checkpoints(number)
+                    .map_err(store_err)?
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "checkpoint_id": c.id.to_string(),
+                            "created": format_time(c.created_ms),
+                            "created_ms": c.created_ms,
+                            "message": c.message,
+                            "files": c.files,
+                            "bytes": c.bytes,
+                        })
+                    })
+                    .collect();
+                Ok(json!({ "checkpoints": list }))
+            }
+            method::CHECKPOINT_DIFF => {
+                let p: CheckpointDiffParams = parse_params(params)?;
+                let number = self.resolve(&p.workspace)?.number;
+                let load = |id: &str| -> Result<Vec<crate::store::ManifestEntry>, RpcError> {
+                    let id = parse_checkpoint_id(id)?;
+                    checkpoint::load(&self.store, number, id)
+                        .map_err(store_err)?
+                        .map(|(_, entries)| entries)
+                        .ok_or_else(|| {
+                            RpcError::new(
+                                ErrorCode::CheckpointNotFound,
+                                format!("no checkpoint {id}"),
+                            )
+                        })
+                };
+                let from = load(&p.from)?;
+                let to = match &p.to {
+                    Some(id) => load(id)?,
+                    None => checkpoint::live_manifest(&self.store, number).map_err(store_err)?,
+                };
+                let diff = checkpoint::diff(&from, &to);
+                Ok(
+                    json!({ "added": diff.added, "modified": diff.modified, "deleted": diff.deleted }),
+                )
+            }
+            method::STORE_STATS => {
+                let stats = self.store.stats().map_err(store_err)?;
+                let db_bytes = std::fs::metadata(self.paths.database())
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                Ok(json!({
+                    "chunks": stats.chunks,
+                    "stored_bytes": stats.stored_bytes,
+                    "raw_bytes": stats.raw_bytes,
+                    "database_bytes": db_bytes,
+                }))
+            }
+            method::STORE_VERIFY => {
+                let report = self.store.verify().map_err(store_err)?;
+                let corrupt: Vec<Value> = report
+                    .corrupt
+                    .iter()
+                    .map(|(h, why)| json!({"chunk": h.to_hex(), "reason": why}))
+                    .collect();
+                let missing: Vec<Value> = report
+                    .missing
+                    .iter()
+                    .map(|(h, owner)| json!({"chunk": h.to_hex(), "owner": owner}))
+                    .collect();
+                for (hash, why) in &report.corrupt {
+                    tracing::error!("corrupt chunk {hash}: {why}");
+                    self.events.publish(
+                        event_kind::STORE_CORRUPT,
+                        json!({"chunk": hash.to_hex(), "message": why}),
+                    );
+                    // Drop it, so a scan that still finds the content on
+                    // disk stores it again instead of trusting the bad copy.
+                    self.store.drop_chunk(hash).map_err(store_err)?;
+                }
+                if !report.corrupt.is_empty() || !report.missing.is_empty() {
+                    self.rescan_all_for_repair();
+                }
+                Ok(json!({
+                    "ok": corrupt.is_empty() && missing.is_empty(),
+                    "chunks_checked": report.chunks_checked,
+                    "corrupt": corrupt,
+                    "missing": missing,
+                }))
+            }
+            method::STORE_GC => {
+                let (chunks, bytes) = self.store.collect_garbage().map_err(store_err)?;
+                Ok(json!({ "chunks_removed": chunks, "bytes_freed": bytes }))
+            }
+            other => Err(RpcError::new(
+                ErrorCode::MethodNotFound,
+                format!("unknown method '{other}'"),
+            )),
+        }
+    }
+
+    /// After chunks were dropped as corrupt: index entries that reference
+    /// them must be re-read from disk. Forgetting their stat cache makes the
+    /// next full scan re-hash them.
+    fn rescan_all_for_repair(&self) {
+        let workspaces = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        for handle in workspaces.values() {
+            if let Ok(files) = self.store.files(handle.shared.number, None) {
+                let reader = match self.store.reader() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                let stale: Vec<_> = files
+                    .into_iter()
+                    .filter(|f| {
+                        !f.entry.deleted
+                            && f.entry
+                                .chunks
+                                .iter()
+                                .any(|c| !reader.contains(&c.hash).unwrap_or(false))
+                    })
+                    .map(|mut f| {
+                        f.stat = None;
+                        f
+                    })
+                    .collect();
+                drop(reader);
+                if !stale.is_empty() {
+                    let next = self
+                        .store
+                        .workspace(handle.shared.number)
+                        .ok()
+                        .flatten()
+                        .map(|r| r.next_sequence)
+                        .unwrap_or(0);
+                    let batch = crate::store::Batch {
+                        upserts: stale,
+                        ..Default::default()
+                    };
+                    let _ = self.store.commit_batch(handle.shared.number, &batch, next);
+                }
+            }
+            let _ = handle.send(Job::Scan {
+                scope: Scope::Full,
+                reply: None,
+            });
+        }
+    }
+
+    fn add_workspace(self: &Arc<Self>, p: WorkspaceAddParams) -> Result<Value, RpcError> {
+        let invalid = |m: String| RpcError::new(ErrorCode::InvalidPath, m);
+        let path = std::fs::canonicalize(&p.path)
+            .map_err(|e| invalid(format!("cannot use {}: {e}", p.path)))?;
+        if !path.is_dir() {
+            return Err(invalid(format!("{} is not a directory", path.display())));
+        }
+        let path_text = path
+            .to_str()
+            .ok_or_else(|| invalid(format!("{} is not a UTF-8 path", path.display())))?
+            .to_owned();
+        let home = std::fs::canonicalize(&self.paths.data_dir)
+            .unwrap_or_else(|_| self.paths.data_dir.clone());
+        if home.starts_with(&path) || path.starts_with(&home) {
+            return Err(invalid(format!(
+                "{} overlaps this device's MarieSync home {}",
+                path.display(),
+                home.display()
+            )));
+        }
+        let name = match p.name {
+            Some(name) if name.trim().is_empty() => {
+                return Err(RpcError::new(
+                    ErrorCode::InvalidParams,
+                    "name must not be empty",
+                ));
+            }
+            Some(name) => name,
+            None => path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("workspace")
+                .to_owned(),
+        };
+        let id = match p.id {
+            Some(id) => id
+                .parse::<WorkspaceId>()
+                .map_err(|e| RpcError::new(ErrorCode::InvalidParams, e.to_string()))?,
+            None => WorkspaceId::from_random(random_bytes()),
+        };
+        for (_, existing) in self.store.workspaces().map_err(|e| store_rpc_error(&e))? {
+            let existing_path = Path::new(&existing.path);
+            if existing.id == id {
+                return Err(RpcError::new(
+                    ErrorCode::WorkspaceExists,
+                    format!("workspace {id} is already added at {}", existing.path),
+                ));
+            }
+            if existing_path.starts_with(&path) || path.starts_with(existing_path) {
+                return Err(RpcError::new(
+                    ErrorCode::WorkspaceExists,
+                    format!(
+                        "{} overlaps workspace '{}' at {}",
+                        path.display(),
+                        existing.name,
+                        existing.path
+                    ),
+                ));
+            }
+            if existing.name == name {
+                return Err(RpcError::new(
+                    ErrorCode::WorkspaceExists,
+                    format!("a workspace is already named '{name}'; pick another with --name"),
+                ));
+            }
+        }
+        let record = WorkspaceRecord {
+            id,
+            name,
+            path: path_text.clone(),
+            state: WorkspaceState::Active,
+            next_sequence: 1,
+            created_ms: workspace::now_ms(),
+        };
+        let number = self
+            .store
+            .add_workspace(&record)
+            .map_err(|e| store_rpc_error(&e))?;
+        self.start_worker(number, &record, false);
+        self.events.publish(
+            event_kind::WORKSPACE_ADDED,
+            json!({"workspace_id": id.to_string(), "name": record.name, "path": path_text}),
+        );
+        Ok(json!({ "workspace_id": id.to_string(), "path": path_text }))
+    }
+
+    fn resolve(&self, workspace: &str) -> Result<Arc<workspace::Shared>, RpcError> {
+        let workspaces = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        workspaces
+            .values()
+            .find(|h| h.shared.id.to_string() == workspace)
+            .or_else(|| workspaces.values().find(|h| h.shared.name == workspace))
+            .map(|h| h.shared.clone())
+            .ok_or_else(|| not_found(workspace))
+    }
+
+    fn workspace_statuses(&self, detailed: bool) -> Result<Vec<Value>, RpcError> {
+        let shared: Vec<Arc<workspace::Shared>> = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|h| h.shared.clone())
+            .collect();
+        let mut out = Vec::new();
+        for shared in shared {
+            let status = shared.status();
+            let (files, bytes) = match status.totals {
+                Some(totals) => totals,
+                None => {
+                    let files = self
+                        .store
+                        .files(shared.number, None)
+                        .map_err(|e| store_rpc_error(&e))?;
+                    let totals = files
+                        .iter()
+                        .filter(|f| !f.entry.deleted && f.entry.kind == FileKind::File)
+                        .fold((0u64, 0u64), |(n, b), f| (n + 1, b + f.entry.size));
+                    shared
+                        .status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .totals = Some(totals);
+                    totals
+                }
+            };
+            let state = match &status.activity {
+                Activity::Idle => "idle",
+                Activity::Scanning => "scanning",
+                Activity::Restoring => "restoring",
+                Activity::Paused(_) => "paused",
+            };
+            let mut v = json!({
+                "workspace_id": shared.id.to_string(),
+                "name": shared.name,
+                "path": shared.root.display().to_string(),
+                "state": state,
+                "files": files,
+                "bytes": bytes,
+                "conflicts": 0,
+            });
+            if let Activity::Paused(reason) = &status.activity {
+                v["reason"] = reason.clone().into();
+            }
+            if detailed {
+                if status.activity == Activity::Scanning {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let p = &shared.progress;
+                    v["progress"] = json!({
+                        "files_done": p.files_hashed.load(Relaxed),
+                        "files_total": p.files_to_hash.load(Relaxed),
+                        "bytes_done": p.bytes_hashed.load(Relaxed),
+                        "bytes_total": p.bytes_to_hash.load(Relaxed),
+                    });
+                }
+                v["watcher"] = match &status.watcher {
+                    None => json!({"state": "ok"}),
+                    Some(reason) => {
+                        json!({"state": "degraded", "reason": reason, "fallback": "periodic rescans"})
+                    }
+                };
+                v["skipped"] = json!(status.skipped);
+                v["case_clashes"] = json!(
+                    status
+                        .case_clashes
+                        .iter()
+                        .map(|(a, b)| json!([a, b]))
+                        .collect::<Vec<_>>()
+                );
+                if let Some(error) = &status.last_error {
+                    v["last_error"] = error.clone().into();
+                }
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
+fn not_found(workspace: &str) -> RpcError {
+    RpcError::new(
+        ErrorCode::WorkspaceNotFound,
+        format!("no workspace '{workspace}'; see `mariesync workspace list`"),
+    )
+}
+
+fn parse_checkpoint_id(text: &str) -> Result<CheckpointId, RpcError> {
+    text.parse().map_err(|_| {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("'{text}' is not a checkpoint id"),
+        )
+    })
+}
+
+/// A path the IDE names, absolute or workspace-relative, as a workspace path.
+fn relative_to(root: &Path, path: &str) -> Result<RelPath, RpcError> {
+    let invalid = |m: String| RpcError::new(ErrorCode::InvalidPath, m);
+    let candidate = Path::new(path);
+    let relative = if candidate.is_absolute() {
+        // The root is canonical; the IDE's path may pass through links.
+        let canonical_parent = candidate
+            .parent()
+            .and_then(|p| std::fs::canonicalize(p).ok());
+        let absolute = match (canonical_parent, candidate.file_name()) {
+            (Some(parent), Some(name)) => parent.join(name),
+            _ => candidate.to_path_buf(),
+        };
+        absolute
+            .strip_prefix(root)
+            .map(Path::to_path_buf)
+            .map_err(|_| {
+                invalid(format!(
+                    "{path} is outside the workspace {}",
+                    root.display()
+                ))
+            })?
+    } else {
+        candidate.to_path_buf()
+    };
+    let text = relative
+        .to_str()
+        .ok_or_else(|| invalid(format!("{path} is not UTF-8")))?;
+    RelPath::new(text.replace(std::path::MAIN_SEPARATOR, "/"))
+        .map_err(|e| invalid(format!("{path}: {e}")))
+}
+
+fn random_bytes() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    getrandom::fill(&mut out).expect("the operating system's random source failed");
+    out
+}
+
+fn format_time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}

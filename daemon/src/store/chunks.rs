@@ -1,0 +1,185 @@
+//! Content-defined chunking, compression and the stored form of a chunk.
+//!
+//! Chunk boundaries come from FastCDC (gear hash), so inserting bytes in a
+//! large file moves only the boundaries near the edit and most chunks keep
+//! their hash. A chunk is stored zstd-compressed when that saves at least an
+//! eighth of its size, raw otherwise (media, archives and other
+//! incompressible binaries cost no CPU on read).
+
+use mariesync_protocol::ChunkHash;
+
+use super::{Result, StoreError};
+
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+/// File content: 128 KiB average, as large as keeps per-chunk overhead small
+/// (index entries, lookups, wire requests) while an edit still rewrites little.
+pub const CONTENT_CHUNKS: ChunkParams = ChunkParams {
+    min: 32 * 1024,
+    avg: 128 * 1024,
+    max: 512 * 1024,
+};
+
+/// Checkpoint manifests: small chunks so consecutive checkpoints of a
+/// workspace share almost all of their manifest.
+pub const MANIFEST_CHUNKS: ChunkParams = ChunkParams {
+    min: 4 * 1024,
+    avg: 16 * 1024,
+    max: 64 * 1024,
+};
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const ZSTD_LEVEL: i32 = 1;
+
+/// A chunk ready to be written: its id, raw length and stored bytes.
+pub struct EncodedChunk {
+    pub hash: ChunkHash,
+    pub raw_len: u32,
+    pub stored: Vec<u8>,
+}
+
+/// Offsets and lengths of the chunks of `data`.
+pub fn chunk_boundaries(data: &[u8], params: ChunkParams) -> Vec<(usize, usize)> {
+    if data.len() <= params.min as usize {
+        return if data.is_empty() {
+            Vec::new()
+        } else {
+            vec![(0, data.len())]
+        };
+    }
+    fastcdc::v2020::FastCDC::new(
+        data,
+        params.min as usize,
+        params.avg as usize,
+        params.max as usize,
+    )
+    .map(|c| (c.offset, c.length))
+    .collect()
+}
+
+/// Compresses `raw` if that pays, and prefixes the codec byte.
+pub fn encode_chunk(hash: ChunkHash, raw: &[u8]) -> EncodedChunk {
+    let mut stored = Vec::with_capacity(raw.len() / 2 + 16);
+    stored.push(CODEC_ZSTD);
+    let compressed_ok = zstd::stream::copy_encode(raw, &mut stored, ZSTD_LEVEL).is_ok();
+    if !compressed_ok || stored.len() - 1 > raw.len() - raw.len() / 8 {
+        stored.clear();
+        stored.reserve(raw.len() + 1);
+        stored.push(CODEC_RAW);
+        stored.extend_from_slice(raw);
+    }
+    EncodedChunk {
+        hash,
+        raw_len: raw.len() as u32,
+        stored,
+    }
+}
+
+/// Decodes a stored chunk and checks it against its id and expected length.
+pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
+    let corrupt = |reason: String| StoreError::CorruptChunk {
+        hash: *hash,
+        reason,
+    };
+    let (&codec, payload) = stored
+        .split_first()
+        .ok_or_else(|| corrupt("empty record".into()))?;
+    let raw = match codec {
+        CODEC_RAW => payload.to_vec(),
+        CODEC_ZSTD => {
+            // Bounded: a corrupt frame can't make us allocate more than the
+            // chunk's recorded length.
+            let mut out = Vec::with_capacity(len as usize);
+            let mut decoder =
+                zstd::stream::read::Decoder::new(payload).map_err(|e| corrupt(e.to_string()))?;
+            use std::io::Read;
+            (&mut decoder)
+                .take(u64::from(len) + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+            out
+        }
+        other => return Err(corrupt(format!("unknown codec {other}"))),
+    };
+    if raw.len() != len as usize {
+        return Err(corrupt(format!("length {} instead of {len}", raw.len())));
+    }
+    if ChunkHash::of(&raw) != *hash {
+        return Err(corrupt("content does not match its hash".into()));
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_insertion_changes_few_chunks() {
+        let original = pseudo_random(4 << 20, 7);
+        let mut edited = original.clone();
+        edited.splice(
+            2_000_000..2_000_000,
+            b"an insertion in the middle".iter().copied(),
+        );
+        let hashes = |data: &[u8]| -> Vec<ChunkHash> {
+            chunk_boundaries(data, CONTENT_CHUNKS)
+                .iter()
+                .map(|&(o, l)| ChunkHash::of(&data[o..o + l]))
+                .collect()
+        };
+        let (a, b) = (hashes(&original), hashes(&edited));
+        let changed = b.iter().filter(|h| !a.contains(h)).count();
+        assert!(a.len() > 10, "{} chunks", a.len());
+        assert!(changed <= 2, "{changed} of {} chunks changed", b.len());
+    }
+
+    #[test]
+    fn round_trip_and_corruption_is_caught() {
+        for data in [b"source code ".repeat(5000), pseudo_random(100_000, 3)] {
+            let hash = ChunkHash::of(&data);
+            let encoded = encode_chunk(hash, &data);
+            assert_eq!(
+                decode_chunk(&hash, data.len() as u32, &encoded.stored).unwrap(),
+                data
+            );
+            let mut flipped = encoded.stored.clone();
+            let middle = flipped.len() / 2;
+            flipped[middle] ^= 1;
+            assert!(decode_chunk(&hash, data.len() as u32, &flipped).is_err());
+            assert!(decode_chunk(&hash, data.len() as u32, &encoded.stored[..middle]).is_err());
+        }
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_raw() {
+        let data = pseudo_random(64 * 1024, 11);
+        assert_eq!(
+            encode_chunk(ChunkHash::of(&data), &data).stored[0],
+            CODEC_RAW
+        );
+        let text = b"fn main() {}\n".repeat(1000);
+        assert_eq!(
+            encode_chunk(ChunkHash::of(&text), &text).stored[0],
+            CODEC_ZSTD
+        );
+    }
+}

@@ -1,0 +1,677 @@
+//! The device's one redb database: content-addressed chunks, the file index of
+//! every workspace, checkpoints and daemon metadata.
+//!
+//! **Architecture Invariant:** a chunk is written in the same transaction as
+//! the first index entry or manifest that references it, and garbage
+//! collection runs inside one write transaction, so no reader ever sees an
+//! entry whose chunks are missing.
+//!
+//! **Architecture Invariant:** fail-stop. After a failed commit the store
+//! refuses further writes (`StoreError::Failed`) until the daemon restarts; a
+//! store we could not write is not a store we keep writing to.
+
+mod chunks;
+mod records;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mariesync_protocol::{CheckpointId, ChunkHash, RelPath, WorkspaceId};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use chunks::{
+    CONTENT_CHUNKS, ChunkParams, EncodedChunk, MANIFEST_CHUNKS, chunk_boundaries, decode_chunk,
+    encode_chunk,
+};
+pub use records::{
+    CheckpointRecord, IndexedFile, ManifestEntry, StatCache, WorkspaceRecord, WorkspaceState,
+};
+
+/// chunk hash -> codec byte + payload (see `chunks::encode_chunk`).
+const CHUNK_DATA: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("chunk_data");
+/// chunk hash -> (stored bytes, raw bytes): lets GC and stats avoid reading data.
+const CHUNK_INFO: TableDefinition<[u8; 32], (u32, u32)> = TableDefinition::new("chunk_info");
+/// workspace number -> WorkspaceRecord.
+const WORKSPACES: TableDefinition<u32, &[u8]> = TableDefinition::new("workspaces");
+/// (workspace number, path) -> IndexedFile.
+const FILES: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("files");
+/// (workspace number, sequence) -> path: the change feed replication reads.
+const SEQUENCES: TableDefinition<(u32, u64), &str> = TableDefinition::new("sequences");
+/// (workspace number, checkpoint id) -> CheckpointRecord.
+const CHECKPOINTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("checkpoints");
+/// Small named values: schema version, counters, restore intents.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] redb::Error),
+    #[error("the store stopped accepting writes after an earlier failure; restart the daemon")]
+    Failed,
+    #[error("chunk {hash} is corrupt: {reason}")]
+    CorruptChunk { hash: ChunkHash, reason: String },
+    #[error("chunk {0} is missing from the store")]
+    MissingChunk(ChunkHash),
+    #[error("a stored record is unreadable: {0}")]
+    Record(String),
+    #[error(
+        "the database was written by a newer MarieSync (schema {found}, this build reads {SCHEMA_VERSION})"
+    )]
+    Schema { found: u32 },
+}
+
+macro_rules! impl_from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> StoreError { StoreError::Database(e.into()) }
+        }
+    )*};
+}
+impl_from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub struct Store {
+    db: Database,
+    failed: AtomicBool,
+    /// Serialises read-modify-write of workspace records across workers.
+    workspace_lock: Mutex<()>,
+}
+
+/// Everything one scan batch commits at once.
+#[derive(Default)]
+pub struct Batch {
+    pub chunks: Vec<EncodedChunk>,
+    pub upserts: Vec<IndexedFile>,
+    /// Paths to drop from the index without a tombstone (now ignored).
+    pub forget: Vec<RelPath>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub corrupt: Vec<(ChunkHash, String)>,
+    pub missing: Vec<(ChunkHash, String)>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::builder()
+            .set_cache_size(64 * 1024 * 1024)
+            .create(path)?;
+        let store = Store {
+            db,
+            failed: AtomicBool::new(false),
+            workspace_lock: Mutex::new(()),
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    fn init(&self) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(CHUNK_DATA)?;
+            txn.open_table(CHUNK_INFO)?;
+            txn.open_table(WORKSPACES)?;
+            txn.open_table(FILES)?;
+            txn.open_table(SEQUENCES)?;
+            txn.open_table(CHECKPOINTS)?;
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema")?.map(|v| u32_from(v.value()));
+            match found {
+                Some(v) if v > SCHEMA_VERSION => return Err(StoreError::Schema { found: v }),
+                Some(_) => {}
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice())?;
+                }
+            }
+        }
+        self.commit(txn)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Failed);
+        }
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Record(e.to_string()))?;
+        Ok(txn)
+    }
+
+    fn commit(&self, txn: redb::WriteTransaction) -> Result<()> {
+        txn.commit().map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!("database commit failed, the store is now read-only: {e}");
+            StoreError::from(e)
+        })
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    // ---- metadata ---------------------------------------------------------
+
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn meta_put(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(META)?;
+            match value {
+                Some(v) => {
+                    table.insert(key, v)?;
+                }
+                None => {
+                    table.remove(key)?;
+                }
+            }
+        }
+        self.commit(txn)
+    }
+
+    // ---- workspaces -------------------------------------------------------
+
+    pub fn workspaces(&self) -> Result<Vec<(u32, WorkspaceRecord)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(WORKSPACES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), records::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    pub fn workspace(&self, number: u32) -> Result<Option<WorkspaceRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(WORKSPACES)?;
+        table
+            .get(number)?
+            .map(|v| records::decode(v.value()))
+            .transpose()
+    }
+
+    pub fn add_workspace(&self, record: &WorkspaceRecord) -> Result<u32> {
+        let _guard = self
+            .workspace_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let txn = self.begin_write()?;
+        let number;
+        {
+            let mut table = txn.open_table(WORKSPACES)?;
+            number = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            table.insert(number, records::encode(record).as_slice())?;
+        }
+        self.commit(txn)?;
+        Ok(number)
+    }
+
+    pub fn update_workspace(
+        &self,
+        number: u32,
+        update: impl FnOnce(&mut WorkspaceRecord),
+    ) -> Result<WorkspaceRecord> {
+        let _guard = self
+            .workspace_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let txn = self.begin_write()?;
+        let record;
+        {
+            let mut table = txn.open_table(WORKSPACES)?;
+            let mut current: WorkspaceRecord = match table.get(number)? {
+                Some(v) => records::decode(v.value())?,
+                None => return Err(StoreError::Record(format!("workspace {number} vanished"))),
+            };
+            update(&mut current);
+            table.insert(number, records::encode(&current).as_slice())?;
+            record = current;
+        }
+        self.commit(txn)?;
+        Ok(record)
+    }
+
+    /// Removes a workspace and everything indexed for it. Chunks become
+    /// garbage for the next collection.
+    pub fn remove_workspace(&self, number: u32) -> Result<()> {
+        let _guard = self
+            .workspace_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let txn = self.begin_write()?;
+        {
+            txn.open_table(WORKSPACES)?.remove(number)?;
+            txn.open_table(FILES)?
+                .retain_in((number, "")..(number + 1, ""), |_, _| false)?;
+            txn.open_table(SEQUENCES)?
+                .retain_in((number, 0)..(number + 1, 0), |_, _| false)?;
+            txn.open_table(CHECKPOINTS)?
+                .retain_in((number, 0)..(number + 1, 0), |_, _| false)?;
+            txn.open_table(META)?
+                .remove(restore_intent_key(number).as_str())?;
+        }
+        self.commit(txn)
+    }
+
+    pub fn find_workspace_by_id(&self, id: WorkspaceId) -> Result<Option<u32>> {
+        Ok(self
+            .workspaces()?
+            .into_iter()
+            .find(|(_, r)| r.id == id)
+            .map(|(n, _)| n))
+    }
+
+    // ---- chunks -----------------------------------------------------------
+
+    pub fn has_chunk(&self, hash: &ChunkHash) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHUNK_INFO)?;
+        Ok(table.get(hash.0)?.is_some())
+    }
+
+    /// A read snapshot for many chunk lookups in a row.
+    pub fn reader(&self) -> Result<ChunkReader> {
+        let txn = self.db.begin_read()?;
+        Ok(ChunkReader {
+            info: txn.open_table(CHUNK_INFO)?,
+            data: txn.open_table(CHUNK_DATA)?,
+        })
+    }
+
+    /// Reads a chunk, decompresses it and checks its hash and length. A chunk
+    /// that fails is reported, never returned.
+    pub fn read_chunk(&self, hash: &ChunkHash, len: u32) -> Result<Vec<u8>> {
+        self.reader()?.read(hash, len)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHUNK_INFO)?;
+        let mut stats = StoreStats::default();
+        for row in table.iter()? {
+            let (_, v) = row?;
+            let (stored, raw) = v.value();
+            stats.chunks += 1;
+            stats.stored_bytes += u64::from(stored);
+            stats.raw_bytes += u64::from(raw);
+        }
+        Ok(stats)
+    }
+
+    /// Deletes a chunk found corrupt, so the next scan of a file that still
+    /// has this content stores it again.
+    pub fn drop_chunk(&self, hash: &ChunkHash) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            txn.open_table(CHUNK_DATA)?.remove(hash.0)?;
+            txn.open_table(CHUNK_INFO)?.remove(hash.0)?;
+        }
+        self.commit(txn)
+    }
+
+    // ---- the file index ---------------------------------------------------
+
+    pub fn file(&self, workspace: u32, path: &str) -> Result<Option<IndexedFile>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FILES)?;
+        table
+            .get((workspace, path))?
+            .map(|v| records::decode(v.value()))
+            .transpose()
+    }
+
+    /// Every entry of a workspace (tombstones included) in path order, or
+    /// those at or below `prefix`.
+    pub fn files(&self, workspace: u32, prefix: Option<&RelPath>) -> Result<Vec<IndexedFile>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FILES)?;
+        let mut out = Vec::new();
+        match prefix {
+            None => decode_range(table.range((workspace, "")..(workspace + 1, ""))?, &mut out)?,
+            Some(prefix) => {
+                if let Some(v) = table.get((workspace, prefix.as_str()))? {
+                    out.push(records::decode(v.value())?);
+                }
+                // Entries below `p` sort between "p/" and "p0" ('0' follows '/').
+                let low = format!("{prefix}/");
+                let high = format!("{prefix}0");
+                decode_range(
+                    table.range((workspace, low.as_str())..(workspace, high.as_str()))?,
+                    &mut out,
+                )?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits one batch of scan results atomically: new chunks, index
+    /// entries (with fresh sequence numbers already assigned by the caller)
+    /// and the workspace's next sequence number.
+    pub fn commit_batch(&self, workspace: u32, batch: &Batch, next_sequence: u64) -> Result<()> {
+        let _guard = self
+            .workspace_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let txn = self.begin_write()?;
+        {
+            let mut data = txn.open_table(CHUNK_DATA)?;
+            let mut info = txn.open_table(CHUNK_INFO)?;
+            for chunk in &batch.chunks {
+                if info.get(chunk.hash.0)?.is_none() {
+                    data.insert(chunk.hash.0, chunk.stored.as_slice())?;
+                    info.insert(chunk.hash.0, (chunk.stored.len() as u32, chunk.raw_len))?;
+                }
+            }
+            let mut files = txn.open_table(FILES)?;
+            let mut sequences = txn.open_table(SEQUENCES)?;
+            for file in &batch.upserts {
+                let path = file.entry.path.as_str();
+                if let Some(old) = files.get((workspace, path))? {
+                    let old: IndexedFile = records::decode(old.value())?;
+                    if old.entry.sequence != file.entry.sequence {
+                        sequences.remove((workspace, old.entry.sequence))?;
+                    }
+                }
+                files.insert((workspace, path), records::encode(file).as_slice())?;
+                sequences.insert((workspace, file.entry.sequence), path)?;
+            }
+            for path in &batch.forget {
+                if let Some(old) = files.remove((workspace, path.as_str()))? {
+                    let old: IndexedFile = records::decode(old.value())?;
+                    sequences.remove((workspace, old.entry.sequence))?;
+                }
+            }
+            let mut workspaces = txn.open_table(WORKSPACES)?;
+            let mut record: WorkspaceRecord = match workspaces.get(workspace)? {
+                Some(v) => records::decode(v.value())?,
+                None => {
+                    return Err(StoreError::Record(format!(
+                        "workspace {workspace} vanished"
+                    )));
+                }
+            };
+            record.next_sequence = record.next_sequence.max(next_sequence);
+            workspaces.insert(workspace, records::encode(&record).as_slice())?;
+        }
+        self.commit(txn)
+    }
+
+    // ---- checkpoints ------------------------------------------------------
+
+    pub fn checkpoints(&self, workspace: u32) -> Result<Vec<CheckpointRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHECKPOINTS)?;
+        let mut out = Vec::new();
+        for row in table.range((workspace, 0)..(workspace + 1, 0))? {
+            let (_, v) = row?;
+            out.push(records::decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn checkpoint(&self, workspace: u32, id: CheckpointId) -> Result<Option<CheckpointRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHECKPOINTS)?;
+        table
+            .get((workspace, id.0))?
+            .map(|v| records::decode(v.value()))
+            .transpose()
+    }
+
+    /// Stores a checkpoint whose manifest chunks are `chunks` (new ones are
+    /// written, known ones shared) and returns its id.
+    pub fn add_checkpoint(
+        &self,
+        workspace: u32,
+        chunks: &[EncodedChunk],
+        make: impl FnOnce(CheckpointId) -> CheckpointRecord,
+    ) -> Result<CheckpointRecord> {
+        let _guard = self
+            .workspace_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let txn = self.begin_write()?;
+        let record;
+        {
+            let mut data = txn.open_table(CHUNK_DATA)?;
+            let mut info = txn.open_table(CHUNK_INFO)?;
+            for chunk in chunks {
+                if info.get(chunk.hash.0)?.is_none() {
+                    data.insert(chunk.hash.0, chunk.stored.as_slice())?;
+                    info.insert(chunk.hash.0, (chunk.stored.len() as u32, chunk.raw_len))?;
+                }
+            }
+            let mut table = txn.open_table(CHECKPOINTS)?;
+            let next = table
+                .range((workspace, 0)..(workspace + 1, 0))?
+                .next_back()
+                .transpose()?
+                .map(|(k, _)| k.value().1 + 1)
+                .unwrap_or(1);
+            record = make(CheckpointId(next));
+            table.insert((workspace, next), records::encode(&record).as_slice())?;
+        }
+        self.commit(txn)?;
+        Ok(record)
+    }
+
+    // ---- restore intents --------------------------------------------------
+
+    pub fn restore_intent(&self, workspace: u32) -> Result<Option<CheckpointId>> {
+        Ok(self
+            .meta_get(&restore_intent_key(workspace))?
+            .map(|v| CheckpointId(u64_from(&v))))
+    }
+
+    pub fn set_restore_intent(&self, workspace: u32, id: Option<CheckpointId>) -> Result<()> {
+        let key = restore_intent_key(workspace);
+        self.meta_put(
+            &key,
+            id.map(|id| id.0.to_le_bytes())
+                .as_ref()
+                .map(|b| b.as_slice()),
+        )
+    }
+
+    // ---- integrity and garbage collection ---------------------------------
+
+    /// Checks every chunk referenced by an index entry or a checkpoint: it
+    /// exists, decompresses, and hashes to its id.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let reader = self.reader()?;
+        let mut seen = HashSet::new();
+        self.for_each_reference(&reader, |hash, len, owner| {
+            if !seen.insert(hash) {
+                return;
+            }
+            report.chunks_checked += 1;
+            match reader.read(&hash, len) {
+                Ok(_) => {}
+                Err(StoreError::MissingChunk(_)) => report.missing.push((hash, owner.to_string())),
+                Err(e) => report.corrupt.push((hash, format!("{owner}: {e}"))),
+            }
+        })?;
+        Ok(report)
+    }
+
+    /// Deletes every chunk that no index entry and no checkpoint references.
+    /// Returns (chunks removed, stored bytes freed).
+    pub fn collect_garbage(&self) -> Result<(u64, u64)> {
+        let _guard = self
+            .workspace_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Marking reads a snapshot; the sweep below runs in the one write
+        // transaction, and the workspace lock keeps scans from committing
+        // new references between the two.
+        let reader = self.reader()?;
+        let mut live = HashSet::new();
+        self.for_each_reference(&reader, |hash, _, _| {
+            live.insert(hash);
+        })?;
+        drop(reader);
+        let txn = self.begin_write()?;
+        let (mut removed, mut freed) = (0, 0);
+        {
+            let mut info = txn.open_table(CHUNK_INFO)?;
+            let mut data = txn.open_table(CHUNK_DATA)?;
+            let mut dead = Vec::new();
+            for row in info.iter()? {
+                let (k, v) = row?;
+                if !live.contains(&ChunkHash(k.value())) {
+                    dead.push((k.value(), v.value().0));
+                }
+            }
+            for (hash, stored) in dead {
+                info.remove(hash)?;
+                data.remove(hash)?;
+                removed += 1;
+                freed += u64::from(stored);
+            }
+        }
+        self.commit(txn)?;
+        Ok((removed, freed))
+    }
+
+    /// Calls `f(hash, raw length, owner)` for every chunk reference.
+    fn for_each_reference(
+        &self,
+        reader: &ChunkReader,
+        mut f: impl FnMut(ChunkHash, u32, &str),
+    ) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        let files = txn.open_table(FILES)?;
+        for row in files.iter()? {
+            let (_, v) = row?;
+            let file: IndexedFile = records::decode(v.value())?;
+            if file.entry.deleted {
+                continue;
+            }
+            for chunk in &file.entry.chunks {
+                f(chunk.hash, chunk.len, file.entry.path.as_str());
+            }
+        }
+        let checkpoints = txn.open_table(CHECKPOINTS)?;
+        let mut manifests_seen = HashSet::new();
+        for row in checkpoints.iter()? {
+            let (_, v) = row?;
+            let record: CheckpointRecord = records::decode(v.value())?;
+            let owner = format!("checkpoint {}", record.id);
+            for chunk in &record.manifest {
+                f(chunk.hash, chunk.len, &owner);
+            }
+            if !manifests_seen.insert(record.manifest_hash) {
+                continue;
+            }
+            // An unreadable manifest is reported by `verify` through its
+            // chunks above; its entries cannot be listed, so stop here
+            // rather than let GC delete what they reference.
+            let entries = load_manifest(reader, &record)?;
+            for entry in &entries {
+                for chunk in &entry.chunks {
+                    f(chunk.hash, chunk.len, &owner);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs redb's own consistency check (needs exclusive access).
+    pub fn check_integrity(path: &Path) -> Result<bool> {
+        let mut db = Database::create(path)?;
+        Ok(db.check_integrity()?)
+    }
+}
+
+fn decode_range<K: redb::Key + 'static>(
+    range: redb::Range<'_, K, &'static [u8]>,
+    out: &mut Vec<IndexedFile>,
+) -> Result<()> {
+    for row in range {
+        let (_, v) = row?;
+        out.push(records::decode(v.value())?);
+    }
+    Ok(())
+}
+
+pub struct ChunkReader {
+    info: redb::ReadOnlyTable<[u8; 32], (u32, u32)>,
+    data: redb::ReadOnlyTable<[u8; 32], &'static [u8]>,
+}
+
+impl ChunkReader {
+    pub fn contains(&self, hash: &ChunkHash) -> Result<bool> {
+        Ok(self.info.get(hash.0)?.is_some())
+    }
+
+    pub fn read(&self, hash: &ChunkHash, len: u32) -> Result<Vec<u8>> {
+        let stored = self
+            .data
+            .get(hash.0)?
+            .ok_or(StoreError::MissingChunk(*hash))?;
+        decode_chunk(hash, len, stored.value())
+    }
+}
+
+/// Reads and decodes a checkpoint's manifest, verifying every chunk.
+pub fn load_manifest(
+    reader: &ChunkReader,
+    record: &CheckpointRecord,
+) -> Result<Vec<ManifestEntry>> {
+    let mut bytes = Vec::with_capacity(record.manifest.iter().map(|c| c.len as usize).sum());
+    for chunk in &record.manifest {
+        bytes.extend_from_slice(&reader.read(&chunk.hash, chunk.len)?);
+    }
+    if ChunkHash::of(&bytes) != record.manifest_hash {
+        return Err(StoreError::CorruptChunk {
+            hash: record.manifest_hash,
+            reason: "manifest hash mismatch".into(),
+        });
+    }
+    postcard::from_bytes(&bytes)
+        .map_err(|e| StoreError::Record(format!("manifest of checkpoint {}: {e}", record.id)))
+}
+
+fn restore_intent_key(workspace: u32) -> String {
+    format!("restore_intent/{workspace}")
+}
+
+fn u32_from(bytes: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = bytes.len().min(4);
+    b[..n].copy_from_slice(&bytes[..n]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_from(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = bytes.len().min(8);
+    b[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(b)
+}

@@ -1,0 +1,744 @@
+//! One worker thread per workspace. Everything that reads or changes a
+//! workspace's files (scans, checkpoints, restores) runs here, one job at a
+//! time, so no two of them ever race on the same tree.
+//!
+//! The worker's loop is one `match` over the closed [`Job`] enum: watcher
+//! batches, IPC requests, and the periodic safety rescan.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
+use mariesync_protocol::{CheckpointId, DeviceKey, RelPath, WorkspaceId};
+use notify::Watcher;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::checkpoint::{self, RestoreError};
+use crate::events::EventLog;
+use crate::scan::{self, ScanError, ScanProgress, ScanReport, Scanner, Scope};
+use crate::store::{Store, StoreError, WorkspaceState};
+
+/// Quiet time after the last watcher event before a batch is scanned.
+const DEBOUNCE_QUIET_MS: u64 = 10;
+/// A batch is scanned at the latest this long after its first event.
+const DEBOUNCE_MAX_MS: u64 = 100;
+/// More changed paths than this in one batch: scan everything instead.
+const BATCH_PATHS_MAX: usize = 2048;
+/// Safety rescan interval with a working watcher, and without one.
+const RESCAN_INTERVAL_MS: u64 = 60 * 60 * 1000;
+const RESCAN_DEGRADED_MS: u64 = 30 * 1000;
+/// How often a paused workspace checks whether its root came back.
+const PAUSED_RECHECK_MS: u64 = 2 * 1000;
+const RETRY_UNSTABLE_MS: u64 = 250;
+/// Local changes announced one by one per scan; beyond, one summary event.
+const CHANGE_EVENTS_MAX: usize = 1000;
+
+pub type Reply = oneshot::Sender<Result<Value, RpcError>>;
+
+pub enum Job {
+    /// Paths the watcher saw change (absolute).
+    Changed(Vec<PathBuf>),
+    /// The watcher lost events or cannot watch everything.
+    WatcherTrouble(String),
+    Scan {
+        scope: Scope,
+        reply: Option<Reply>,
+    },
+    Checkpoint {
+        message: String,
+        reply: Reply,
+    },
+    Restore {
+        id: CheckpointId,
+        reply: Reply,
+    },
+    Resume {
+        reply: Reply,
+    },
+    Stop,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Activity {
+    Idle,
+    Scanning,
+    Restoring,
+    Paused(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub activity: Activity,
+    pub watcher: Option<String>,
+    pub skipped: Vec<String>,
+    pub case_clashes: Vec<(String, String)>,
+    pub last_error: Option<String>,
+    /// (files, bytes) of the live index; None when it must be recounted.
+    pub totals: Option<(u64, u64)>,
+}
+
+/// What the IPC side can see of a worker.
+pub struct Shared {
+    pub number: u32,
+    pub id: WorkspaceId,
+    pub name: String,
+    pub root: PathBuf,
+    pub status: Mutex<Status>,
+    pub progress: ScanProgress,
+    pub cancel: AtomicBool,
+}
+
+impl Shared {
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+pub struct Handle {
+    pub shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn send(&self, job: Job) -> Result<(), RpcError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| RpcError::new(ErrorCode::ShuttingDown, "the workspace is shutting down"))
+    }
+
+    /// Stops the worker after the job in hand; waits for it.
+    pub fn stop(mut self) {
+        self.shared.cancel.store(true, Ordering::Release);
+        let _ = self.jobs.send(Job::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub struct Context {
+    pub store: Arc<Store>,
+    pub events: Arc<EventLog>,
+    pub device: DeviceKey,
+}
+
+/// Starts the worker and the watcher of a workspace. The worker begins with
+/// a full scan (cleaning leftover temporary files when `startup`) and
+/// finishes a restore that a crash interrupted.
+pub fn start(
+    context: Context,
+    number: u32,
+    id: WorkspaceId,
+    name: String,
+    root: PathBuf,
+    paused: Option<String>,
+    startup: bool,
+) -> Handle {
+    let shared = Arc::new(Shared {
+        number,
+        id,
+        name,
+        root: root.clone(),
+        status: Mutex::new(Status {
+            activity: match &paused {
+                Some(reason) => Activity::Paused(reason.clone()),
+                None => Activity::Scanning,
+            },
+            watcher: None,
+            skipped: Vec::new(),
+            case_clashes: Vec::new(),
+            last_error: None,
+            totals: None,
+        }),
+        progress: ScanProgress::default(),
+        cancel: AtomicBool::new(false),
+    });
+    let (jobs, receiver) = mpsc::channel();
+    let worker = Worker {
+        context,
+        shared: shared.clone(),
+        receiver,
+        jobs: jobs.clone(),
+        watcher: None,
+        watched_root: None,
+        queued: Default::default(),
+        retry: BTreeSet::new(),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("workspace-{number}"))
+        .spawn(move || worker.run(startup))
+        .expect("spawning a thread");
+    Handle {
+        shared,
+        jobs,
+        thread: Some(thread),
+    }
+}
+
+/// The identity of a directory: a remounted or recreated root is another one.
+fn dir_identity(path: &Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Some((0, 0))
+    }
+}
+
+fn start_watcher(
+    root: &Path,
+    jobs: mpsc::Sender<Job>,
+    shared: &Shared,
+    events: &EventLog,
+) -> Option<notify::RecommendedWatcher> {
+    let handler = move |result: notify::Result<notify::Event>| {
+        let job = match result {
+            Ok(event) if event.need_rescan() => {
+                Job::WatcherTrouble("the watcher's event queue overflowed".into())
+            }
+            Ok(event) => Job::Changed(event.paths),
+            Err(e) => Job::WatcherTrouble(format!("watcher error: {e}")),
+        };
+        let _ = jobs.send(job);
+    };
+    let degrade = |reason: String| {
+        tracing::warn!(workspace = %shared.name, "{reason}; falling back to rescans every {}s", RESCAN_DEGRADED_MS / 1000);
+        shared.update(|s| s.watcher = Some(reason.clone()));
+        events.publish(
+            event_kind::WATCHER_DEGRADED,
+            json!({"workspace_id": shared.id.to_string(), "reason": reason}),
+        );
+    };
+    if std::env::var_os("MARIESYNC_FAULT_NO_WATCH").is_some() {
+        degrade("file watching is disabled (MARIESYNC_FAULT_NO_WATCH)".into());
+        return None;
+    }
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            degrade(format!("cannot start the file watcher: {e}"));
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(root, notify::RecursiveMode::Recursive) {
+        let reason = match e.kind {
+            notify::ErrorKind::MaxFilesWatch => "the system's limit of watched directories is exhausted (raise fs.inotify.max_user_watches)".to_string(),
+            _ => format!("cannot watch the workspace: {e}"),
+        };
+        degrade(reason);
+    }
+    Some(watcher)
+}
+
+struct Worker {
+    context: Context,
+    shared: Arc<Shared>,
+    receiver: mpsc::Receiver<Job>,
+    /// For the watcher's callback.
+    jobs: mpsc::Sender<Job>,
+    watcher: Option<notify::RecommendedWatcher>,
+    /// The root directory the watcher watches.
+    watched_root: Option<(u64, u64)>,
+    /// Jobs that arrived while a watcher batch was being gathered.
+    queued: std::collections::VecDeque<Job>,
+    /// Files that changed while being read, to scan again shortly.
+    retry: BTreeSet<RelPath>,
+}
+
+impl Worker {
+    fn degraded(&self) -> bool {
+        self.shared.status().watcher.is_some()
+    }
+
+    /// (Re)starts the watcher if the root is not the directory it watches.
+    fn ensure_watcher(&mut self) {
+        let identity = dir_identity(&self.shared.root);
+        if identity.is_none()
+            || (identity == self.watched_root && (self.watcher.is_some() || self.degraded()))
+        {
+            return;
+        }
+        self.watcher = None;
+        self.shared.update(|s| s.watcher = None);
+        self.watcher = start_watcher(
+            &self.shared.root,
+            self.jobs.clone(),
+            &self.shared,
+            &self.context.events,
+        );
+        self.watched_root = identity;
+    }
+
+    fn run(mut self, startup: bool) {
+        self.ensure_watcher();
+        if !self.is_paused() {
+            if self.scan(Scope::Full, startup).is_ok() {
+                self.finish_interrupted_restore();
+            }
+        }
+        loop {
+            let job = match self.queued.pop_front() {
+                Some(job) => job,
+                None => match self.receiver.recv_timeout(self.timeout()) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.tick();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+            };
+            match job {
+                Job::Stop => return,
+                Job::Changed(paths) => {
+                    let batch = self.gather(paths);
+                    if !self.is_paused() {
+                        self.scan_changed(batch);
+                    }
+                }
+                Job::WatcherTrouble(reason) => {
+                    if !self.degraded() {
+                        tracing::warn!(workspace = %self.shared.name, "{reason}; rescanning");
+                    }
+                    if !self.is_paused() {
+                        let _ = self.scan(Scope::Full, false);
+                    }
+                }
+                Job::Scan { scope, reply } => {
+                    let result = if self.is_paused() {
+                        Err(self.paused_error())
+                    } else {
+                        self.scan(scope, false)
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result.map(|_| json!({})));
+                    }
+                }
+                Job::Checkpoint { message, reply } => {
+                    let result = self.checkpoint(message);
+                    let _ = reply.send(result);
+                }
+                Job::Restore { id, reply } => {
+                    let result = self.restore(id);
+                    let _ = reply.send(result);
+                }
+                Job::Resume { reply } => {
+                    let result = self.resume();
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(if !self.retry.is_empty() {
+            RETRY_UNSTABLE_MS
+        } else if self.is_paused() {
+            PAUSED_RECHECK_MS
+        } else if self.degraded() {
+            RESCAN_DEGRADED_MS
+        } else {
+            RESCAN_INTERVAL_MS
+        })
+    }
+
+    /// Nothing happened for a while: retry unstable files, re-check a paused
+    /// root, or run the safety rescan.
+    fn tick(&mut self) {
+        if let Activity::Paused(_) = self.shared.status().activity {
+            if root_has_entries(&self.shared.root) {
+                tracing::info!(workspace = %self.shared.name, "workspace root is back; resuming");
+                let _ = self.resume();
+            }
+        } else if !self.retry.is_empty() {
+            let paths = std::mem::take(&mut self.retry).into_iter().collect();
+            let _ = self.scan(Scope::Paths(paths), false);
+        } else {
+            let _ = self.scan(Scope::Full, false);
+        }
+    }
+
+    /// Collects watcher events until they pause, into workspace paths.
+    fn gather(&mut self, first: Vec<PathBuf>) -> Option<BTreeSet<RelPath>> {
+        let started = Instant::now();
+        let mut raw = first;
+        loop {
+            let left = Duration::from_millis(DEBOUNCE_MAX_MS).saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match self
+                .receiver
+                .recv_timeout(left.min(Duration::from_millis(DEBOUNCE_QUIET_MS)))
+            {
+                Ok(Job::Changed(more)) => raw.extend(more),
+                Ok(other) => {
+                    self.queued.push_back(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut paths = BTreeSet::new();
+        for path in raw {
+            let Ok(relative) = path.strip_prefix(&self.shared.root) else {
+                continue;
+            };
+            let Some(text) = relative.to_str() else {
+                continue;
+            };
+            if text.is_empty() {
+                continue;
+            }
+            let text = text.replace(std::path::MAIN_SEPARATOR, "/");
+            if text
+                .split('/')
+                .any(|c| scan::VCS_DIRS.contains(&c) || c.starts_with(scan::TEMP_PREFIX))
+            {
+                continue;
+            }
+            let Ok(rel) = RelPath::new(text) else {
+                continue;
+            };
+            // A changed ignore file changes what its whole directory holds.
+            if rel.file_name() == ".gitignore" || rel.file_name() == scan::IGNORE_FILE {
+                match rel.parent() {
+                    Some(dir) => paths.insert(dir),
+                    None => return None,
+                };
+            }
+            paths.insert(rel);
+            if paths.len() > BATCH_PATHS_MAX {
+                return None;
+            }
+        }
+        Some(paths)
+    }
+
+    fn scan_changed(&mut self, batch: Option<BTreeSet<RelPath>>) {
+        match batch {
+            None => {
+                let _ = self.scan(Scope::Full, false);
+            }
+            Some(paths) if paths.is_empty() => {}
+            Some(paths) => {
+                // Drop paths below another path of the batch: scanning the
+                // ancestor covers them.
+                let mut kept: Vec<RelPath> = Vec::new();
+                for path in paths {
+                    if !kept.last().is_some_and(|k| path.starts_with(k)) {
+                        kept.push(path);
+                    }
+                }
+                let _ = self.scan(Scope::Paths(kept), false);
+            }
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        matches!(self.shared.status().activity, Activity::Paused(_))
+    }
+
+    fn paused_error(&self) -> RpcError {
+        let reason = match self.shared.status().activity {
+            Activity::Paused(reason) => reason,
+            _ => String::new(),
+        };
+        RpcError::new(
+            ErrorCode::WorkspacePaused,
+            format!("workspace '{}' is paused: {reason}", self.shared.name),
+        )
+    }
+
+    fn scan(&mut self, scope: Scope, startup: bool) -> Result<ScanReport, RpcError> {
+        self.scan_with(scope, startup, false)
+    }
+
+    fn scan_with(
+        &mut self,
+        scope: Scope,
+        startup: bool,
+        allow_empty: bool,
+    ) -> Result<ScanReport, RpcError> {
+        let full = matches!(scope, Scope::Full);
+        if full {
+            self.ensure_watcher();
+            self.shared.update(|s| s.activity = Activity::Scanning);
+        }
+        let scanner = Scanner {
+            store: &self.context.store,
+            workspace: self.shared.number,
+            root: &self.shared.root,
+            device: self.context.device,
+            progress: &self.shared.progress,
+            cancel: &self.shared.cancel,
+            allow_empty,
+            clean_temp_files: startup,
+        };
+        let started = Instant::now();
+        let result = scanner.run(&scope);
+        match result {
+            Ok(report) => {
+                self.shared.update(|s| {
+                    s.activity = Activity::Idle;
+                    s.last_error = None;
+                    if full {
+                        s.skipped = report.skipped.clone();
+                    }
+                    if let Some(clashes) = &report.case_clashes {
+                        s.case_clashes = clashes.clone();
+                    }
+                    if !report.changes.is_empty() {
+                        s.totals = None;
+                    }
+                });
+                self.retry.extend(report.unstable.iter().cloned());
+                self.announce(&report, full, started.elapsed());
+                Ok(report)
+            }
+            Err(ScanError::Cancelled) => Err(RpcError::new(
+                ErrorCode::ShuttingDown,
+                "the daemon is shutting down",
+            )),
+            Err(e @ (ScanError::RootMissing(_) | ScanError::Emptied(_))) => {
+                let reason = e.to_string();
+                self.pause(reason);
+                Err(self.paused_error())
+            }
+            Err(ScanError::Store(e)) => {
+                let error = store_rpc_error(&e);
+                self.shared.update(|s| {
+                    s.activity = Activity::Idle;
+                    s.last_error = Some(e.to_string());
+                });
+                self.context.events.publish(
+                    event_kind::ERROR,
+                    json!({"workspace_id": self.shared.id.to_string(), "message": e.to_string()}),
+                );
+                Err(error)
+            }
+        }
+    }
+
+    fn announce(&self, report: &ScanReport, full: bool, took: Duration) {
+        let workspace_id = self.shared.id.to_string();
+        if report.changes.len() <= CHANGE_EVENTS_MAX {
+            for (path, change) in &report.changes {
+                self.context.events.publish(
+                    event_kind::LOCAL_CHANGE,
+                    json!({"workspace_id": workspace_id, "path": path.as_str(), "change": change.as_str()}),
+                );
+            }
+        } else {
+            self.context.events.publish(
+                event_kind::LOCAL_CHANGE,
+                json!({"workspace_id": workspace_id, "changes": report.changes.len(), "summary": true}),
+            );
+        }
+        if full {
+            self.context.events.publish(
+                event_kind::SCAN_FINISHED,
+                json!({
+                    "workspace_id": workspace_id,
+                    "changes": report.changes.len(),
+                    "hashed_files": report.hashed_files,
+                    "hashed_bytes": report.hashed_bytes,
+                    "duration_ms": took.as_millis() as u64,
+                }),
+            );
+        }
+    }
+
+    fn pause(&mut self, reason: String) {
+        tracing::warn!(workspace = %self.shared.name, "pausing: {reason}");
+        let number = self.shared.number;
+        let persisted = reason.clone();
+        if let Err(e) = self.context.store.update_workspace(number, |r| {
+            r.state = WorkspaceState::Paused { reason: persisted }
+        }) {
+            tracing::error!("cannot record the pause: {e}");
+        }
+        self.shared
+            .update(|s| s.activity = Activity::Paused(reason.clone()));
+        self.context.events.publish(
+            event_kind::WORKSPACE_STATE,
+            json!({"workspace_id": self.shared.id.to_string(), "state": "paused", "reason": reason}),
+        );
+    }
+
+    fn resume(&mut self) -> Result<Value, RpcError> {
+        let number = self.shared.number;
+        self.context
+            .store
+            .update_workspace(number, |r| r.state = WorkspaceState::Active)
+            .map_err(|e| store_rpc_error(&e))?;
+        self.shared.update(|s| s.activity = Activity::Scanning);
+        self.context.events.publish(
+            event_kind::WORKSPACE_STATE,
+            json!({"workspace_id": self.shared.id.to_string(), "state": "scanning"}),
+        );
+        self.scan_with(Scope::Full, false, true)?;
+        Ok(json!({}))
+    }
+
+    fn checkpoint(&mut self, message: String) -> Result<Value, RpcError> {
+        if self.is_paused() {
+            return Err(self.paused_error());
+        }
+        // The checkpoint freezes what is on disk now.
+        self.scan(Scope::Full, false)?;
+        let record = checkpoint::create(&self.context.store, self.shared.number, message, now_ms())
+            .map_err(|e| store_rpc_error(&e))?;
+        self.context.events.publish(
+            event_kind::CHECKPOINT_CREATED,
+            json!({"workspace_id": self.shared.id.to_string(), "checkpoint_id": record.id.to_string()}),
+        );
+        Ok(json!({"checkpoint_id": record.id.to_string()}))
+    }
+
+    fn restore(&mut self, id: CheckpointId) -> Result<Value, RpcError> {
+        if self.is_paused() {
+            return Err(self.paused_error());
+        }
+        let store = self.context.store.clone();
+        let number = self.shared.number;
+        let not_found = || {
+            RpcError::new(
+                ErrorCode::CheckpointNotFound,
+                format!("no checkpoint {id} in workspace '{}'", self.shared.name),
+            )
+        };
+        if store
+            .checkpoint(number, id)
+            .map_err(|e| store_rpc_error(&e))?
+            .is_none()
+        {
+            return Err(not_found());
+        }
+        self.scan(Scope::Full, false)?;
+        let undo = checkpoint::create(
+            &store,
+            number,
+            format!("before restoring checkpoint {id}"),
+            now_ms(),
+        )
+        .map_err(|e| store_rpc_error(&e))?;
+        store
+            .set_restore_intent(number, Some(id))
+            .map_err(|e| store_rpc_error(&e))?;
+        let mut result = self.run_restore(id)?;
+        result["undo_checkpoint_id"] = undo.id.to_string().into();
+        Ok(result)
+    }
+
+    /// Applies checkpoint `id` to the tree, then re-indexes and clears the
+    /// restore intent. Safe to run again after a crash: it only writes what
+    /// still differs.
+    fn run_restore(&mut self, id: CheckpointId) -> Result<Value, RpcError> {
+        let store = self.context.store.clone();
+        let number = self.shared.number;
+        self.shared.update(|s| s.activity = Activity::Restoring);
+        let outcome = (|| -> Result<checkpoint::RestoreReport, RpcError> {
+            let (_, target) = checkpoint::load(&store, number, id)
+                .map_err(|e| store_rpc_error(&e))?
+                .ok_or_else(|| {
+                    RpcError::new(ErrorCode::CheckpointNotFound, format!("no checkpoint {id}"))
+                })?;
+            let current =
+                checkpoint::live_manifest(&store, number).map_err(|e| store_rpc_error(&e))?;
+            checkpoint::restore(&store, &self.shared.root, &current, &target).map_err(|e| match e {
+                RestoreError::Store(e) => store_rpc_error(&e),
+                RestoreError::Corrupt(..) => {
+                    self.context.events.publish(
+                        event_kind::STORE_CORRUPT,
+                        json!({"workspace_id": self.shared.id.to_string(), "message": e.to_string()}),
+                    );
+                    RpcError::new(ErrorCode::StoreCorrupt, e.to_string())
+                }
+            })
+        })();
+        self.shared.update(|s| s.activity = Activity::Idle);
+        let report = match outcome {
+            Ok(report) => report,
+            Err(e) => {
+                // Nothing (or nothing more) can be done: don't retry at every start.
+                let _ = store.set_restore_intent(number, None);
+                return Err(e);
+            }
+        };
+        self.scan(Scope::Full, false)?;
+        store
+            .set_restore_intent(number, None)
+            .map_err(|e| store_rpc_error(&e))?;
+        for error in &report.errors {
+            tracing::warn!(workspace = %self.shared.name, "restore: {error}");
+        }
+        self.context.events.publish(
+            event_kind::RESTORE_FINISHED,
+            json!({
+                "workspace_id": self.shared.id.to_string(),
+                "checkpoint_id": id.to_string(),
+                "written": report.written,
+                "deleted": report.deleted,
+                "errors": report.errors,
+            }),
+        );
+        Ok(json!({
+            "checkpoint_id": id.to_string(),
+            "written": report.written,
+            "deleted": report.deleted,
+            "errors": report.errors,
+        }))
+    }
+
+    fn finish_interrupted_restore(&mut self) {
+        match self.context.store.restore_intent(self.shared.number) {
+            Ok(Some(id)) => {
+                tracing::info!(workspace = %self.shared.name, "finishing the restore of checkpoint {id} that was interrupted");
+                if let Err(e) = self.run_restore(id) {
+                    tracing::error!(workspace = %self.shared.name, "cannot finish the interrupted restore: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("cannot read restore intent: {e}"),
+        }
+    }
+}
+
+fn root_has_entries(root: &Path) -> bool {
+    std::fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some())
+}
+
+pub fn store_rpc_error(error: &StoreError) -> RpcError {
+    match error {
+        StoreError::CorruptChunk { .. } | StoreError::MissingChunk(_) => {
+            RpcError::new(ErrorCode::StoreCorrupt, error.to_string())
+        }
+        _ => RpcError::new(ErrorCode::StoreFailed, error.to_string()),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

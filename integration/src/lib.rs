@@ -1,0 +1,524 @@
+//! The integration-test harness: a small vocabulary for tests that start
+//! real `mariesync daemon` processes on real files.
+//!
+//! - [`Device`]: a daemon process with its own home; `cli`, `call`, `kill9`,
+//!   `restart`.
+//! - [`generate_tree`]: a deterministic workspace of text, binaries, links.
+//! - [`tree_state`] / [`digest`]: what is on disk, in the form of
+//!   RELIABILITY.md's convergence digest; [`index_state`]: the same from the
+//!   daemon's index, so the two can be compared.
+//! - [`wait_until`]: poll a condition with a deadline (never a bare sleep).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use mariesync_ffi::{Client, ClientError, HomePaths};
+use serde_json::{Value, json};
+
+/// The `mariesync` binary: `MARIESYNC_BIN`, else built once per test process
+/// with the cargo that runs the tests.
+pub fn bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("MARIESYNC_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let output = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mariesync",
+                "--bin",
+                "mariesync",
+                "--message-format=json",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build for the mariesync binary");
+        assert!(
+            output.status.success(),
+            "building the mariesync binary failed"
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|msg| {
+                msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "mariesync"
+            })
+            .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no mariesync executable")
+    })
+    .clone()
+}
+
+/// Polls `condition` until it returns `Some`, or panics after `timeout`
+/// saying what was awaited.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A device: one home and, while running, one daemon process.
+pub struct Device {
+    pub home: PathBuf,
+    pub paths: HomePaths,
+    child: Option<Child>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Device {
+    /// Starts a daemon with a fresh home under `dir`.
+    pub fn start(dir: &Path) -> Device {
+        Device::start_with_env(dir, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Device {
+        let home = dir.join("home");
+        let mut device = Device {
+            paths: HomePaths::in_dir(&home),
+            home,
+            child: None,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        device.launch();
+        device
+    }
+
+    fn launch(&mut self) {
+        std::fs::create_dir_all(&self.home).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut command = Command::new(bin());
+        command
+            .arg("daemon")
+            .arg("--home")
+            .arg(&self.home)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("starting mariesync daemon");
+        let paths = self.paths.clone();
+        wait_until(
+            Duration::from_secs(30),
+            "the daemon to answer on its socket",
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "the daemon exited during startup with {status}; log:\n{}",
+                        self.log()
+                    );
+                }
+                Client::connect(&paths)
+                    .ok()
+                    .and_then(|mut c| c.call("id", json!({})).ok())
+            },
+        );
+        self.child = Some(child);
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.home.with_file_name("daemon.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.paths).expect("connecting to the daemon")
+    }
+
+    /// One IPC call.
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        self.client().call(method, params)
+    }
+
+    /// One IPC call that must succeed.
+    pub fn ok(&self, method: &str, params: Value) -> Value {
+        match self.call(method, params.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("{method} {params} failed: {e}\nlog:\n{}", self.log()),
+        }
+    }
+
+    /// Runs the CLI against this device's home.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running mariesync")
+    }
+
+    /// Runs the CLI with `--json` and parses the one object it prints.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let output = self.cli(&[args, &["--json"]].concat());
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "mariesync {args:?} failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout:?}"))
+    }
+
+    pub fn add_workspace(&self, path: &Path, name: &str) -> String {
+        let result = self.ok("workspace.add", json!({"path": path, "name": name}));
+        result["workspace_id"].as_str().unwrap().to_owned()
+    }
+
+    pub fn flush(&self, workspace: &str) {
+        self.ok("flush", json!({ "workspace": workspace }));
+    }
+
+    /// Stops the daemon with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = wait_until(
+                Duration::from_secs(30),
+                "the daemon to exit after SIGTERM",
+                || child.try_wait().ok().flatten(),
+            );
+            assert!(
+                status.success(),
+                "the daemon exited with {status} after SIGTERM; log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.launch();
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.launch();
+    }
+
+    /// RELIABILITY.md check 4: every referenced chunk exists and hashes right.
+    pub fn assert_store_integrity(&self) {
+        let report = self.ok("store.verify", json!({}));
+        assert_eq!(report["ok"], true, "store verification failed: {report}");
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One path's synced state: kind, exec bit and content hash (blake3 hex; of
+/// the target for links).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PathState {
+    pub kind: &'static str,
+    pub executable: bool,
+    pub hash: String,
+}
+
+pub type TreeState = BTreeMap<String, PathState>;
+
+/// Names the harness never counts: the daemon's own temporary files and
+/// what the daemon is told to ignore by default.
+fn excluded(name: &str) -> bool {
+    name.starts_with(".mariesync-tmp-") || matches!(name, ".git" | ".hg" | ".svn")
+}
+
+/// What is on disk under `root` (ignore rules are the caller's business:
+/// use trees without ignored files when comparing with the index).
+pub fn tree_state(root: &Path) -> TreeState {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut TreeState) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if excluded(&name) {
+            continue;
+        }
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let state = if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&path).unwrap();
+            PathState {
+                kind: "symlink",
+                executable: false,
+                hash: blake3::hash(target.to_string_lossy().as_bytes())
+                    .to_hex()
+                    .to_string(),
+            }
+        } else if meta.is_dir() {
+            walk(root, &path, out);
+            PathState {
+                kind: "dir",
+                executable: false,
+                hash: blake3::hash(b"").to_hex().to_string(),
+            }
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            let data = std::fs::read(&path).unwrap();
+            PathState {
+                kind: "file",
+                executable: meta.permissions().mode() & 0o111 != 0,
+                hash: blake3::hash(&data).to_hex().to_string(),
+            }
+        };
+        out.insert(rel, state);
+    }
+}
+
+/// The daemon's index of a workspace, in the same form as [`tree_state`].
+pub fn index_state(device: &Device, workspace: &str) -> TreeState {
+    let files = device.ok("workspace.files", json!({ "workspace": workspace }));
+    files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let kind = match f["kind"].as_str().unwrap() {
+                "file" => "file",
+                "dir" => "dir",
+                _ => "symlink",
+            };
+            (
+                f["path"].as_str().unwrap().to_owned(),
+                PathState {
+                    kind,
+                    executable: f["executable"].as_bool().unwrap(),
+                    hash: f["content_hash"].as_str().unwrap().to_owned(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// RELIABILITY.md's convergence digest over a tree state.
+pub fn digest(state: &TreeState) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for (path, s) in state {
+        hasher
+            .update(format!("{path}\0{}\0{}\0{}\n", s.kind, s.executable as u8, s.hash).as_bytes());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// Asserts two states are equal, listing the first differences if not.
+pub fn assert_same_state(what: &str, expected: &TreeState, actual: &TreeState) {
+    if expected == actual {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (path, state) in expected {
+        match actual.get(path) {
+            None => diffs.push(format!("missing {path}")),
+            Some(other) if other != state => {
+                diffs.push(format!("differs {path}: {state:?} vs {other:?}"))
+            }
+            _ => {}
+        }
+    }
+    for path in actual.keys() {
+        if !expected.contains_key(path) {
+            diffs.push(format!("unexpected {path}"));
+        }
+    }
+    diffs.truncate(20);
+    panic!(
+        "{what}: {} vs {} entries; first differences:\n{}",
+        expected.len(),
+        actual.len(),
+        diffs.join("\n")
+    );
+}
+
+/// RELIABILITY.md check 5: no temporary file of the daemon left behind.
+pub fn assert_no_junk(root: &Path) {
+    fn visit(dir: &Path, junk: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".mariesync-tmp-")
+            {
+                junk.push(path.clone());
+            }
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                visit(&path, junk);
+            }
+        }
+    }
+    let mut junk = Vec::new();
+    visit(root, &mut junk);
+    assert!(junk.is_empty(), "temporary files left behind: {junk:?}");
+}
+
+/// A small deterministic PRNG (xorshift64*), so trees are the same on every run.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+const WORDS: [&str; 16] = [
+    "let", "value", "return", "buffer", "index", "config", "handler", "request", "state", "node",
+    "tree", "path", "chunk", "digest", "peer", "sync",
+];
+
+/// Source-like text of about `len` bytes.
+pub fn text(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out = String::with_capacity(len + 64);
+    while out.len() < len {
+        let indent = "    ".repeat(rng.below(4) as usize);
+        let a = WORDS[rng.below(16) as usize];
+        let b = WORDS[rng.below(16) as usize];
+        out.push_str(&format!(
+            "{indent}{a}_{b} = {}({b}, {});\n",
+            WORDS[rng.below(16) as usize],
+            rng.below(100_000)
+        ));
+    }
+    out.into_bytes()
+}
+
+/// Writes a deterministic workspace: `files` text files of 1 to 20 KiB in
+/// nested directories, plus `binaries` incompressible files of
+/// `binary_bytes`, a few executables and in-workspace symlinks.
+pub fn generate_tree(root: &Path, seed: u64, files: usize, binaries: usize, binary_bytes: usize) {
+    let mut rng = Rng::new(seed);
+    for i in 0..files {
+        let depth = rng.below(4);
+        let mut dir = root.join("src");
+        for d in 0..depth {
+            dir.push(format!(
+                "{}{}",
+                WORDS[rng.below(16) as usize],
+                (i / 25 + d as usize) % 40
+            ));
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let len = 1024 + rng.below(19 * 1024) as usize;
+        let path = dir.join(format!("file{i}.rs"));
+        std::fs::write(&path, text(&mut rng, len)).unwrap();
+        if i % 97 == 0 {
+            set_executable(&path, true);
+        }
+    }
+    if binaries > 0 {
+        std::fs::create_dir_all(root.join("assets")).unwrap();
+    }
+    for i in 0..binaries {
+        std::fs::write(
+            root.join(format!("assets/blob{i}.bin")),
+            rng.bytes(binary_bytes),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("src", root.join("link-to-src")).unwrap();
+}
+
+pub fn set_executable(path: &Path, executable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    perms.set_mode(if executable { 0o755 } else { 0o644 });
+    std::fs::set_permissions(path, perms).unwrap();
+}
+
+/// All regular files under `root`, relative, sorted.
+pub fn list_files(root: &Path) -> Vec<String> {
+    tree_state(root)
+        .into_iter()
+        .filter(|(_, s)| s.kind == "file")
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Root privileges, for tests that need them; prints why a test is skipped.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("ms-").tempdir().unwrap()
+}

@@ -1,0 +1,169 @@
+//! Checkpoints: create, list, diff, restore and undo, on a real daemon.
+
+use mariesync_integration::*;
+use serde_json::json;
+
+/// Checkpoint, change many files, restore: byte-identical to the checkpoint;
+/// restore the automatic pre-restore checkpoint: identical to before.
+#[test]
+fn restore_round_trip_is_byte_identical() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    generate_tree(&root, 10, 1500, 1, 2 << 20);
+    let device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    let original = tree_state(&root);
+    let created = device.cli_json(&["checkpoint", "create", "w", "-m", "original"]);
+    let first = created["checkpoint_id"].as_str().unwrap().to_owned();
+
+    let files = list_files(&root);
+    let mut rng = Rng::new(11);
+    for path in files.iter().step_by(3) {
+        std::fs::write(root.join(path), text(&mut rng, 2000)).unwrap();
+    }
+    for path in files.iter().skip(1).step_by(10) {
+        let _ = std::fs::remove_file(root.join(path));
+    }
+    std::fs::create_dir_all(root.join("fresh/deep")).unwrap();
+    for i in 0..30 {
+        std::fs::write(
+            root.join(format!("fresh/deep/n{i}.txt")),
+            text(&mut rng, 100),
+        )
+        .unwrap();
+    }
+    set_executable(&root.join(&files[2]), true);
+    std::fs::remove_file(root.join("link-to-src")).unwrap();
+    let changed = tree_state(&root);
+
+    let diff = device.cli_json(&["checkpoint", "diff", "w", &first]);
+    assert_eq!(diff["added"].as_array().unwrap().len(), 32, "{diff}");
+    assert!(
+        diff["deleted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "link-to-src")
+    );
+    assert!(diff["modified"].as_array().unwrap().len() >= 400);
+
+    let restored = device.cli_json(&["checkpoint", "restore", "w", &first]);
+    let undo = restored["undo_checkpoint_id"].as_str().unwrap().to_owned();
+    assert_eq!(restored["errors"], json!([]), "{restored}");
+    assert_same_state("tree after restore", &original, &tree_state(&root));
+    device.flush(&ws);
+    assert_same_state("index after restore", &original, &index_state(&device, &ws));
+
+    device.cli_json(&["checkpoint", "restore", "w", &undo]);
+    assert_same_state("tree after undo", &changed, &tree_state(&root));
+    assert_no_junk(&root);
+
+    let list = device.cli_json(&["checkpoint", "list", "w"]);
+    let messages: Vec<&str> = list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        vec![
+            "original",
+            "before restoring checkpoint 1",
+            "before restoring checkpoint 2"
+        ]
+    );
+    let between = device.cli_json(&["checkpoint", "diff", "w", &first, &undo]);
+    assert_eq!(between["added"].as_array().unwrap().len(), 32);
+    device.assert_store_integrity();
+}
+
+/// A checkpoint of an unchanged workspace shares everything: the store does
+/// not grow, and a restore to it writes nothing.
+#[test]
+fn unchanged_checkpoints_cost_nothing() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    generate_tree(&root, 12, 400, 0, 0);
+    let device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.flush(&ws);
+    device.cli_json(&["checkpoint", "create", "w"]);
+    let before = device.ok("store.stats", json!({}));
+    for _ in 0..5 {
+        device.cli_json(&["checkpoint", "create", "w"]);
+    }
+    let after = device.ok("store.stats", json!({}));
+    assert_eq!(before["chunks"], after["chunks"]);
+    let restored = device.ok(
+        "checkpoint.restore",
+        json!({"workspace": ws, "checkpoint_id": "1"}),
+    );
+    assert_eq!(restored["written"], 0);
+    assert_eq!(restored["deleted"], 0);
+}
+
+/// A flipped byte in a stored chunk is detected on read, reported, and never
+/// written into the workspace; `store verify` drops it and the next scan
+/// stores the content again from the file that still has it.
+#[test]
+fn corrupted_chunk_is_detected_and_never_used() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    std::fs::create_dir_all(&root).unwrap();
+    // Incompressible, so its bytes appear verbatim in the database file.
+    let mut rng = Rng::new(99);
+    let precious = rng.bytes(20_000);
+    std::fs::write(root.join("precious.bin"), &precious).unwrap();
+    let mut device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.cli_json(&["checkpoint", "create", "w"]);
+    std::fs::write(root.join("precious.bin"), b"overwritten").unwrap();
+    device.flush(&ws);
+    device.stop();
+
+    let db_path = device.home.join("mariesync.redb");
+    let mut db = std::fs::read(&db_path).unwrap();
+    let needle = &precious[5000..5064];
+    let at = db
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("chunk bytes in the database file");
+    db[at + 10] ^= 0xff;
+    std::fs::write(&db_path, &db).unwrap();
+
+    device.start_again();
+    let err = device
+        .call(
+            "checkpoint.restore",
+            json!({"workspace": ws, "checkpoint_id": "1"}),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    match err {
+        mariesync_ffi::ClientError::Rpc(rpc) => assert_eq!(rpc.code, -32020),
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        std::fs::read(root.join("precious.bin")).unwrap(),
+        b"overwritten",
+        "the corrupt chunk was used"
+    );
+
+    let verify = device.cli(&["store", "verify", "--json"]);
+    assert_eq!(verify.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["corrupt"].as_array().unwrap().len(), 1, "{report}");
+    assert!(String::from_utf8_lossy(&verify.stderr).contains("corrupt"));
+
+    // The content comes back when a file still has it.
+    std::fs::write(root.join("copy.bin"), &precious).unwrap();
+    device.flush(&ws);
+    device.assert_store_integrity();
+    device.ok(
+        "checkpoint.restore",
+        json!({"workspace": ws, "checkpoint_id": "1"}),
+    );
+    assert_eq!(std::fs::read(root.join("precious.bin")).unwrap(), precious);
+}

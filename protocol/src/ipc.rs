@@ -1,0 +1,317 @@
+//! The local IPC contract: JSON-RPC 2.0 messages, stable error codes, method
+//! parameters and event kinds. Results are the JSON objects that the CLI
+//! prints with `--json` (SPEC.md sections 3 to 9).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Frames above this size are refused and the connection closed.
+pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Events a subscriber can ask to replay with `since`.
+pub const EVENT_BACKLOG_MAX: usize = 8192;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub jsonrpc: String,
+    /// Absent for notifications, which get no response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub jsonrpc: String,
+    pub id: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+impl Response {
+    pub fn ok(id: Value, result: Value) -> Response {
+        Response {
+            jsonrpc: "2.0".into(),
+            id,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn err(id: Value, error: RpcError) -> Response {
+        Response {
+            jsonrpc: "2.0".into(),
+            id,
+            result: None,
+            error: Some(error),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Notification {
+    pub jsonrpc: String,
+    pub method: String,
+    pub params: Value,
+}
+
+/// A JSON-RPC error object. `data.name` carries the code's stable name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code.code(),
+            message: message.into(),
+            data: Some(serde_json::json!({ "name": code.name() })),
+        }
+    }
+
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::ALL
+            .iter()
+            .copied()
+            .find(|c| c.code() == self.code)
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Stable error codes. JSON-RPC's own where they apply; MarieSync's in the
+/// server-error range -32000..-32099. Never renumber one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    ParseError,
+    InvalidRequest,
+    MethodNotFound,
+    InvalidParams,
+    Internal,
+    FrameTooLarge,
+    ShuttingDown,
+    WorkspaceNotFound,
+    WorkspaceExists,
+    CheckpointNotFound,
+    InvalidPath,
+    WorkspacePaused,
+    StoreCorrupt,
+    Io,
+    StoreFailed,
+    Unsupported,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::ParseError,
+        ErrorCode::InvalidRequest,
+        ErrorCode::MethodNotFound,
+        ErrorCode::InvalidParams,
+        ErrorCode::Internal,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::ShuttingDown,
+        ErrorCode::WorkspaceNotFound,
+        ErrorCode::WorkspaceExists,
+        ErrorCode::CheckpointNotFound,
+        ErrorCode::InvalidPath,
+        ErrorCode::WorkspacePaused,
+        ErrorCode::StoreCorrupt,
+        ErrorCode::Io,
+        ErrorCode::StoreFailed,
+        ErrorCode::Unsupported,
+    ];
+
+    pub fn code(self) -> i64 {
+        match self {
+            ErrorCode::ParseError => -32700,
+            ErrorCode::InvalidRequest => -32600,
+            ErrorCode::MethodNotFound => -32601,
+            ErrorCode::InvalidParams => -32602,
+            ErrorCode::Internal => -32603,
+            ErrorCode::FrameTooLarge => -32001,
+            ErrorCode::ShuttingDown => -32002,
+            ErrorCode::WorkspaceNotFound => -32010,
+            ErrorCode::WorkspaceExists => -32011,
+            ErrorCode::CheckpointNotFound => -32012,
+            ErrorCode::InvalidPath => -32013,
+            ErrorCode::WorkspacePaused => -32014,
+            ErrorCode::StoreCorrupt => -32020,
+            ErrorCode::Io => -32021,
+            ErrorCode::StoreFailed => -32022,
+            ErrorCode::Unsupported => -32030,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::ParseError => "parse_error",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::MethodNotFound => "method_not_found",
+            ErrorCode::InvalidParams => "invalid_params",
+            ErrorCode::Internal => "internal_error",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::WorkspaceNotFound => "workspace_not_found",
+            ErrorCode::WorkspaceExists => "workspace_exists",
+            ErrorCode::CheckpointNotFound => "checkpoint_not_found",
+            ErrorCode::InvalidPath => "invalid_path",
+            ErrorCode::WorkspacePaused => "workspace_paused",
+            ErrorCode::StoreCorrupt => "store_corrupt",
+            ErrorCode::Io => "io_error",
+            ErrorCode::StoreFailed => "store_failed",
+            ErrorCode::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// Method names. The CLI command `a b` is the method `a.b`.
+pub mod method {
+    pub const ID: &str = "id";
+    pub const STATUS: &str = "status";
+    pub const SHUTDOWN: &str = "shutdown";
+    pub const FLUSH: &str = "flush";
+    pub const WORKSPACE_ADD: &str = "workspace.add";
+    pub const WORKSPACE_LIST: &str = "workspace.list";
+    pub const WORKSPACE_REMOVE: &str = "workspace.remove";
+    pub const WORKSPACE_RESUME: &str = "workspace.resume";
+    pub const WORKSPACE_FILES: &str = "workspace.files";
+    pub const WORKSPACE_TOUCHED: &str = "workspace.touched";
+    pub const CHECKPOINT_CREATE: &str = "checkpoint.create";
+    pub const CHECKPOINT_LIST: &str = "checkpoint.list";
+    pub const CHECKPOINT_DIFF: &str = "checkpoint.diff";
+    pub const CHECKPOINT_RESTORE: &str = "checkpoint.restore";
+    pub const STORE_STATS: &str = "store.stats";
+    pub const STORE_VERIFY: &str = "store.verify";
+    pub const STORE_GC: &str = "store.gc";
+    pub const EVENTS_SUBSCRIBE: &str = "events.subscribe";
+    /// The notification that carries events to subscribers.
+    pub const EVENT: &str = "event";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceAddParams {
+    pub path: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Accept a workspace offered by a peer under this id.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Parameters of every method that acts on one workspace (`WS`: id or name).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceParams {
+    pub workspace: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceFilesParams {
+    pub workspace: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TouchedParams {
+    pub workspace: String,
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointCreateParams {
+    pub workspace: String,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointDiffParams {
+    pub workspace: String,
+    pub from: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRestoreParams {
+    pub workspace: String,
+    pub checkpoint_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams {
+    #[serde(default)]
+    pub since: Option<u64>,
+}
+
+/// Event kinds carried in `event` notifications (`params.kind`).
+pub mod event_kind {
+    pub const GAP: &str = "gap";
+    pub const WORKSPACE_ADDED: &str = "workspace_added";
+    pub const WORKSPACE_REMOVED: &str = "workspace_removed";
+    pub const WORKSPACE_STATE: &str = "workspace_state";
+    pub const SCAN_PROGRESS: &str = "scan_progress";
+    pub const SCAN_FINISHED: &str = "scan_finished";
+    pub const LOCAL_CHANGE: &str = "local_change";
+    pub const CHECKPOINT_CREATED: &str = "checkpoint_created";
+    pub const RESTORE_FINISHED: &str = "restore_finished";
+    pub const WATCHER_DEGRADED: &str = "watcher_degraded";
+    pub const STORE_CORRUPT: &str = "store_corrupt";
+    pub const ERROR: &str = "error";
+}
+
+/// Parses `params` (absent means `{}`) into `T`, or an `InvalidParams` error
+/// that says what was wrong.
+pub fn parse_params<T: serde::de::DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
+    let params = params.unwrap_or_else(|| Value::Object(Default::default()));
+    serde_json::from_value(params)
+        .map_err(|e| RpcError::new(ErrorCode::InvalidParams, format!("invalid params: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_stable_and_distinct() {
+        let mut codes: Vec<i64> = ErrorCode::ALL.iter().map(|c| c.code()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), ErrorCode::ALL.len());
+        let err = RpcError::new(ErrorCode::WorkspaceNotFound, "no workspace 'x'");
+        expect_test::expect![[
+            r#"{"code":-32010,"message":"no workspace 'x'","data":{"name":"workspace_not_found"}}"#
+        ]]
+        .assert_eq(&serde_json::to_string(&err).unwrap());
+        assert_eq!(err.error_code(), Some(ErrorCode::WorkspaceNotFound));
+    }
+
+    #[test]
+    fn wrong_params_say_what_is_wrong() {
+        let err =
+            parse_params::<WorkspaceParams>(Some(serde_json::json!({"workspace": 3}))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidParams.code());
+        assert!(err.message.contains("invalid type"), "{}", err.message);
+        assert!(parse_params::<WorkspaceParams>(None).is_err());
+    }
+}
