@@ -35,25 +35,25 @@ pub fn create(
         .workspace(workspace)?
         .map(|r| r.next_sequence)
         .unwrap_or(0);
-    if let Some(last) = store.checkpoints(workspace)?.pop() {
-        if last.sequence == sequence {
-            let (manifest, manifest_hash, files, bytes) = (
-                last.manifest.clone(),
-                last.manifest_hash,
-                last.files,
-                last.bytes,
-            );
-            return store.add_checkpoint(workspace, &[], |id| CheckpointRecord {
-                id,
-                created_ms,
-                message,
-                files,
-                bytes,
-                sequence,
-                manifest_hash,
-                manifest,
-            });
-        }
+    if let Some(last) = store.checkpoints(workspace)?.pop()
+        && last.sequence == sequence
+    {
+        let (manifest, manifest_hash, files, bytes) = (
+            last.manifest.clone(),
+            last.manifest_hash,
+            last.files,
+            last.bytes,
+        );
+        return store.add_checkpoint(workspace, &[], |id| CheckpointRecord {
+            id,
+            created_ms,
+            message,
+            files,
+            bytes,
+            sequence,
+            manifest_hash,
+            manifest,
+        });
     }
     let entries = live_manifest(store, workspace)?;
     let files = entries.iter().filter(|e| e.kind == FileKind::File).count() as u64;
@@ -187,10 +187,10 @@ pub fn restore(
     let mut bad = Vec::new();
     for entry in &to_write {
         for chunk in &entry.chunks {
-            if checked.insert(chunk.hash) {
-                if let Err(e) = reader.read(&chunk.hash, chunk.len) {
-                    bad.push(format!("{}: {e}", entry.path));
-                }
+            if checked.insert(chunk.hash)
+                && let Err(e) = reader.read(&chunk.hash, chunk.len)
+            {
+                bad.push(format!("{}: {e}", entry.path));
             }
         }
     }
@@ -236,10 +236,10 @@ pub fn restore(
 
     // Directories, shallowest first.
     for entry in target.iter().filter(|e| e.kind == FileKind::Directory) {
-        if let Ok(path) = materialize::resolve_inside(root, &entry.path) {
-            if let Err(e) = std::fs::create_dir_all(&path) {
-                report.errors.push(format!("{}: {e}", entry.path));
-            }
+        if let Ok(path) = materialize::resolve_inside(root, &entry.path)
+            && let Err(e) = std::fs::create_dir_all(&path)
+        {
+            report.errors.push(format!("{}: {e}", entry.path));
         }
     }
 
@@ -248,17 +248,15 @@ pub fn restore(
         .par_iter()
         .filter(|e| e.kind != FileKind::Directory)
         .map(|entry| {
-            if let Some(current) = current_by_path.get(entry.path.as_str()) {
-                if current.kind != FileKind::Directory {
-                    let path = materialize::resolve_inside(root, &entry.path)?;
-                    if !on_disk_matches(&path, current) {
-                        return Err(WriteError::Io {
-                            path: entry.path.to_string(),
-                            source: std::io::Error::other(
-                                "changed on disk since it was indexed; kept",
-                            ),
-                        });
-                    }
+            if let Some(current) = current_by_path.get(entry.path.as_str())
+                && current.kind != FileKind::Directory
+            {
+                let path = materialize::resolve_inside(root, &entry.path)?;
+                if !on_disk_matches(&path, current) {
+                    return Err(WriteError::Io {
+                        path: entry.path.to_string(),
+                        source: std::io::Error::other("changed on disk since it was indexed; kept"),
+                    });
                 }
             }
             materialize::write_entry(root, entry, &reader)

@@ -107,6 +107,10 @@ enum WorkspaceCommand {
     Resume {
         workspace: String,
     },
+    /// Re-read the whole workspace (the watcher normally makes this unneeded).
+    Rescan {
+        workspace: String,
+    },
     /// List the files indexed in a workspace.
     Files {
         workspace: String,
@@ -228,6 +232,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Workspace(WorkspaceCommand::Resume { workspace }) => {
             (method::WORKSPACE_RESUME, json!({"workspace": workspace}))
         }
+        Command::Workspace(WorkspaceCommand::Rescan { workspace }) => {
+            (method::WORKSPACE_RESCAN, json!({"workspace": workspace}))
+        }
         Command::Workspace(WorkspaceCommand::Files { workspace, prefix }) => (
             method::WORKSPACE_FILES,
             json!({"workspace": workspace, "prefix": prefix}),
@@ -285,10 +292,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if json_output {
         return Ok(());
     }
-    if name == method::WORKSPACE_ADD && std::io::stderr().is_terminal() {
-        if let Some(id) = result["workspace_id"].as_str() {
-            show_scan_progress(&mut client, id);
-        }
+    if name == method::WORKSPACE_ADD
+        && std::io::stderr().is_terminal()
+        && let Some(id) = result["workspace_id"].as_str()
+    {
+        show_scan_progress(&mut client, id);
     }
     Ok(())
 }
@@ -486,10 +494,7 @@ fn show_scan_progress(client: &mut Client, workspace_id: &str) {
         .progress_chars("=> "),
     );
     bar.set_message("scanning");
-    loop {
-        let Ok(status) = client.call(method::STATUS, json!({})) else {
-            break;
-        };
+    while let Ok(status) = client.call(method::STATUS, json!({})) {
         let Some(w) = status["workspaces"]
             .as_array()
             .and_then(|ws| ws.iter().find(|w| w["workspace_id"] == workspace_id))

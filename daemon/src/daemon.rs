@@ -235,6 +235,10 @@ impl Daemon {
             }
             method::FLUSH => {
                 let p: WorkspaceParams = parse_params(params)?;
+                self.job(&p.workspace, |reply| Job::Flush { reply }).await
+            }
+            method::WORKSPACE_RESCAN => {
+                let p: WorkspaceParams = parse_params(params)?;
                 self.job(&p.workspace, |reply| Job::Scan {
                     scope: Scope::Full,
                     reply: Some(reply),
@@ -271,11 +275,7 @@ impl Daemon {
                 // "The current state" is what is on disk now: index it first.
                 let p: CheckpointDiffParams = parse_params(params.clone())?;
                 if p.to.is_none() {
-                    self.job(&p.workspace, |reply| Job::Scan {
-                        scope: Scope::Full,
-                        reply: Some(reply),
-                    })
-                    .await?;
+                    self.job(&p.workspace, |reply| Job::Flush { reply }).await?;
                 }
                 let this = self.clone();
                 tokio::task::spawn_blocking(move || {

@@ -214,13 +214,13 @@ fn parse_request(frame: &[u8]) -> Result<Request, (Value, RpcError)> {
             RpcError::new(ErrorCode::InvalidRequest, "jsonrpc must be \"2.0\""),
         ));
     }
-    if let Some(id) = &request.id {
-        if !(id.is_string() || id.is_number() || id.is_null()) {
-            return Err((
-                Value::Null,
-                RpcError::new(ErrorCode::InvalidRequest, "id must be a string or a number"),
-            ));
-        }
+    if let Some(id) = &request.id
+        && !(id.is_string() || id.is_number() || id.is_null())
+    {
+        return Err((
+            Value::Null,
+            RpcError::new(ErrorCode::InvalidRequest, "id must be a string or a number"),
+        ));
     }
     Ok(request)
 }

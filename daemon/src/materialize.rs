@@ -91,10 +91,10 @@ pub fn write_entry(
             FileKind::Directory => unreachable!("directories are created by the caller"),
         }
         // A directory where a file must go is removed only if empty.
-        if let Ok(meta) = std::fs::symlink_metadata(&target) {
-            if meta.is_dir() {
-                std::fs::remove_dir(&target).map_err(io)?;
-            }
+        if let Ok(meta) = std::fs::symlink_metadata(&target)
+            && meta.is_dir()
+        {
+            std::fs::remove_dir(&target).map_err(io)?;
         }
         std::fs::rename(&temp, &target).map_err(io)
     })();

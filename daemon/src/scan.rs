@@ -597,10 +597,10 @@ fn case_clashes(seen: &[Seen]) -> Vec<(String, String)> {
     let mut by_key: HashMap<String, &str> = HashMap::new();
     let mut clashes = Vec::new();
     for item in seen {
-        if let Some(other) = by_key.insert(item.path.case_fold_key(), item.path.as_str()) {
-            if clashes.len() < LISTED_NAMES_MAX {
-                clashes.push((other.to_owned(), item.path.as_str().to_owned()));
-            }
+        if let Some(other) = by_key.insert(item.path.case_fold_key(), item.path.as_str())
+            && clashes.len() < LISTED_NAMES_MAX
+        {
+            clashes.push((other.to_owned(), item.path.as_str().to_owned()));
         }
     }
     clashes

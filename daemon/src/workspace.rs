@@ -35,6 +35,9 @@ const RESCAN_DEGRADED_MS: u64 = 30 * 1000;
 /// How often a paused workspace checks whether its root came back.
 const PAUSED_RECHECK_MS: u64 = 2 * 1000;
 const RETRY_UNSTABLE_MS: u64 = 250;
+/// How long a flush waits for its cookie to come back through the watcher
+/// before it falls back to a full rescan.
+const COOKIE_TIMEOUT_MS: u64 = 2000;
 /// Local changes announced one by one per scan; beyond, one summary event.
 const CHANGE_EVENTS_MAX: usize = 1000;
 
@@ -48,6 +51,10 @@ pub enum Job {
     Scan {
         scope: Scope,
         reply: Option<Reply>,
+    },
+    /// Index every change made before this job was sent.
+    Flush {
+        reply: Reply,
     },
     Checkpoint {
         message: String,
@@ -188,6 +195,11 @@ pub fn start(
     }
 }
 
+fn is_read_only_access(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(kind, EventKind::Access(access) if !matches!(access, AccessKind::Close(AccessMode::Write)))
+}
+
 /// The identity of a directory: a remounted or recreated root is another one.
 fn dir_identity(path: &Path) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -214,6 +226,10 @@ fn start_watcher(
             Ok(event) if event.need_rescan() => {
                 Job::WatcherTrouble("the watcher's event queue overflowed".into())
             }
+            // Opening or reading a file changes nothing; the scanner's own
+            // reads would otherwise look like edits. Closing after a write
+            // is kept: it marks the end of a save.
+            Ok(event) if is_read_only_access(&event.kind) => return,
             Ok(event) => Job::Changed(event.paths),
             Err(e) => Job::WatcherTrouble(format!("watcher error: {e}")),
         };
@@ -231,7 +247,10 @@ fn start_watcher(
         degrade("file watching is disabled (MARIESYNC_FAULT_NO_WATCH)".into());
         return None;
     }
-    let mut watcher = match notify::recommended_watcher(handler) {
+    // Links are content, not places to watch: following them would report
+    // events under the link's path, and a link to `/` would watch the disk.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut watcher = match notify::RecommendedWatcher::new(handler, config) {
         Ok(w) => w,
         Err(e) => {
             degrade(format!("cannot start the file watcher: {e}"));
@@ -269,12 +288,13 @@ impl Worker {
     }
 
     /// (Re)starts the watcher if the root is not the directory it watches.
-    fn ensure_watcher(&mut self) {
+    /// Returns true if it did: events in between were lost.
+    fn ensure_watcher(&mut self) -> bool {
         let identity = dir_identity(&self.shared.root);
         if identity.is_none()
             || (identity == self.watched_root && (self.watcher.is_some() || self.degraded()))
         {
-            return;
+            return false;
         }
         self.watcher = None;
         self.shared.update(|s| s.watcher = None);
@@ -285,14 +305,13 @@ impl Worker {
             &self.context.events,
         );
         self.watched_root = identity;
+        true
     }
 
     fn run(mut self, startup: bool) {
-        self.ensure_watcher();
-        if !self.is_paused() {
-            if self.scan(Scope::Full, startup).is_ok() {
-                self.finish_interrupted_restore();
-            }
+        let _ = self.ensure_watcher();
+        if !self.is_paused() && self.scan(Scope::Full, startup).is_ok() {
+            self.finish_interrupted_restore();
         }
         loop {
             let job = match self.queued.pop_front() {
@@ -311,7 +330,7 @@ impl Worker {
                 Job::Changed(paths) => {
                     let batch = self.gather(paths);
                     if !self.is_paused() {
-                        self.scan_changed(batch);
+                        let _ = self.scan_changed(batch);
                     }
                 }
                 Job::WatcherTrouble(reason) => {
@@ -331,6 +350,10 @@ impl Worker {
                     if let Some(reply) = reply {
                         let _ = reply.send(result.map(|_| json!({})));
                     }
+                }
+                Job::Flush { reply } => {
+                    let result = self.flush();
+                    let _ = reply.send(result.map(|_| json!({})));
                 }
                 Job::Checkpoint { message, reply } => {
                     let result = self.checkpoint(message);
@@ -397,6 +420,12 @@ impl Worker {
                 Err(_) => break,
             }
         }
+        self.workspace_paths(raw)
+    }
+
+    /// Turns watcher paths into the workspace paths to scan; None means
+    /// "scan everything".
+    fn workspace_paths(&self, raw: Vec<PathBuf>) -> Option<BTreeSet<RelPath>> {
         let mut paths = BTreeSet::new();
         for path in raw {
             let Ok(relative) = path.strip_prefix(&self.shared.root) else {
@@ -433,12 +462,10 @@ impl Worker {
         Some(paths)
     }
 
-    fn scan_changed(&mut self, batch: Option<BTreeSet<RelPath>>) {
+    fn scan_changed(&mut self, batch: Option<BTreeSet<RelPath>>) -> Result<(), RpcError> {
         match batch {
-            None => {
-                let _ = self.scan(Scope::Full, false);
-            }
-            Some(paths) if paths.is_empty() => {}
+            None => self.scan(Scope::Full, false).map(drop),
+            Some(paths) if paths.is_empty() => Ok(()),
             Some(paths) => {
                 // Drop paths below another path of the batch: scanning the
                 // ancestor covers them.
@@ -448,9 +475,74 @@ impl Worker {
                         kept.push(path);
                     }
                 }
-                let _ = self.scan(Scope::Paths(kept), false);
+                self.scan(Scope::Paths(kept), false).map(drop)
             }
         }
+    }
+
+    /// Indexes every change made before now. With a working watcher this is
+    /// Watchman's cookie: write a file in the root and wait for its event;
+    /// the watcher delivers events in order, so every earlier change has
+    /// then been seen, and only those paths are scanned. Without one (or if
+    /// the cookie does not come back in time), a full rescan.
+    fn flush(&mut self) -> Result<(), RpcError> {
+        if self.is_paused() {
+            return Err(self.paused_error());
+        }
+        if self.ensure_watcher() {
+            // A new root directory (a remount): what happened before the
+            // new watcher started is unknown.
+            return self.scan(Scope::Full, false).map(drop);
+        }
+        match self.sync_with_watcher() {
+            Some(mut batch) => {
+                if let Some(paths) = &mut batch {
+                    paths.extend(std::mem::take(&mut self.retry));
+                }
+                self.scan_changed(batch)
+            }
+            None => self.scan(Scope::Full, false).map(drop),
+        }
+    }
+
+    fn sync_with_watcher(&mut self) -> Option<Option<BTreeSet<RelPath>>> {
+        static COOKIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if self.watcher.is_none() || self.degraded() {
+            return None;
+        }
+        let name = format!(
+            "{}cookie-{}-{}",
+            scan::TEMP_PREFIX,
+            std::process::id(),
+            COOKIES.fetch_add(1, Ordering::Relaxed)
+        );
+        let cookie = self.shared.root.join(&name);
+        if std::fs::write(&cookie, b"").is_err() {
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_millis(COOKIE_TIMEOUT_MS);
+        let mut raw = Vec::new();
+        let mut found = false;
+        while !found {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.receiver.recv_timeout(left) {
+                Ok(Job::Changed(paths)) => {
+                    found = paths
+                        .iter()
+                        .any(|p| p.file_name().is_some_and(|n| n == name.as_str()));
+                    raw.extend(paths);
+                }
+                Ok(Job::WatcherTrouble(_)) => break,
+                Ok(other) => self.queued.push_back(other),
+                Err(_) => break,
+            }
+        }
+        let _ = std::fs::remove_file(&cookie);
+        if !found {
+            tracing::warn!(workspace = %self.shared.name, "the watcher did not report a flush cookie in time; rescanning everything");
+            return None;
+        }
+        Some(self.workspace_paths(raw))
     }
 
     fn is_paused(&self) -> bool {
@@ -480,7 +572,7 @@ impl Worker {
     ) -> Result<ScanReport, RpcError> {
         let full = matches!(scope, Scope::Full);
         if full {
-            self.ensure_watcher();
+            let _ = self.ensure_watcher();
             self.shared.update(|s| s.activity = Activity::Scanning);
         }
         let scanner = Scanner {
@@ -494,6 +586,7 @@ impl Worker {
             clean_temp_files: startup,
         };
         let started = Instant::now();
+        tracing::debug!(workspace = %self.shared.name, ?scope, "scan starts");
         let result = scanner.run(&scope);
         match result {
             Ok(report) => {
@@ -604,7 +697,7 @@ impl Worker {
             return Err(self.paused_error());
         }
         // The checkpoint freezes what is on disk now.
-        self.scan(Scope::Full, false)?;
+        self.flush()?;
         let record = checkpoint::create(&self.context.store, self.shared.number, message, now_ms())
             .map_err(|e| store_rpc_error(&e))?;
         self.context.events.publish(

@@ -75,7 +75,7 @@ impl Client {
                 continue;
             }
             let response: Response = serde_json::from_value(message)?;
-            if response.id != Value::from(id) {
+            if response.id != id {
                 continue;
             }
             return match (response.result, response.error) {

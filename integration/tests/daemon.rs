@@ -94,34 +94,22 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Reads one LSP frame off a raw socket (the client library would hide
+/// exactly what these tests look at); None once the daemon closed it.
 fn read_frame(stream: &mut UnixStream) -> Option<Value> {
-    let mut decoder = mariesync_protocol_frame::Decoder::default();
-    decoder.read(stream)
-}
-
-/// Minimal framing reader for raw-socket tests (the client library would
-/// hide exactly what these tests look at).
-mod mariesync_protocol_frame {
-    use super::*;
-    #[derive(Default)]
-    pub struct Decoder;
-    impl Decoder {
-        pub fn read(&mut self, stream: &mut UnixStream) -> Option<Value> {
-            let mut header = Vec::new();
-            let mut byte = [0u8; 1];
-            while !header.ends_with(b"\r\n\r\n") {
-                if stream.read(&mut byte).ok()? == 0 {
-                    return None;
-                }
-                header.push(byte[0]);
-            }
-            let text = String::from_utf8(header).ok()?;
-            let len: usize = text.trim().strip_prefix("Content-Length: ")?.parse().ok()?;
-            let mut body = vec![0u8; len];
-            stream.read_exact(&mut body).ok()?;
-            serde_json::from_slice(&body).ok()
+    let mut header = Vec::new();
+    let mut byte = [0u8; 1];
+    while !header.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
         }
+        header.push(byte[0]);
     }
+    let text = String::from_utf8(header).ok()?;
+    let len: usize = text.trim().strip_prefix("Content-Length: ")?.parse().ok()?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).ok()?;
+    serde_json::from_slice(&body).ok()
 }
 
 /// Invalid JSON, unknown methods, wrong params, a 100 MB Content-Length, a

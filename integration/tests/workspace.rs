@@ -60,7 +60,7 @@ fn index_matches_tree_after_edits() {
     let entry = &status["workspaces"][0];
     let file_count = tree.values().filter(|s| s.kind == "file").count() as u64;
     assert_eq!(entry["files"], file_count, "status: {status}");
-    assert_eq!(entry["state"], "idle");
+    assert_eq!(entry["state"], "idle", "{}", device.log());
     let listed = device.cli_json(&["workspace", "list"]);
     assert_eq!(listed["workspaces"][0]["files"], file_count);
     assert_eq!(
@@ -280,4 +280,27 @@ fn removing_a_workspace_keeps_its_files() {
     );
     let gc = device.cli_json(&["store", "gc"]);
     assert!(gc["chunks_removed"].as_u64().unwrap() >= 20, "{gc}");
+}
+
+/// Regression: the watcher followed `link-to-src -> src` and reported every
+/// edit under the link's path, which the scanner (rightly) does not follow,
+/// so `flush` missed the edits.
+#[test]
+fn flush_sees_edits_behind_a_symlinked_directory() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    generate_tree(&root, 10, 300, 0, 0);
+    let device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.flush(&ws);
+    let mut rng = Rng::new(11);
+    for path in list_files(&root).iter().step_by(3) {
+        std::fs::write(root.join(path), text(&mut rng, 2000)).unwrap();
+    }
+    device.flush(&ws);
+    assert_same_state(
+        "index after edits",
+        &tree_state(&root),
+        &index_state(&device, &ws),
+    );
 }

@@ -186,6 +186,7 @@ pub mod method {
     pub const WORKSPACE_LIST: &str = "workspace.list";
     pub const WORKSPACE_REMOVE: &str = "workspace.remove";
     pub const WORKSPACE_RESUME: &str = "workspace.resume";
+    pub const WORKSPACE_RESCAN: &str = "workspace.rescan";
     pub const WORKSPACE_FILES: &str = "workspace.files";
     pub const WORKSPACE_TOUCHED: &str = "workspace.touched";
     pub const CHECKPOINT_CREATE: &str = "checkpoint.create";
