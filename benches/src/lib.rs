@@ -1,1 +1,4 @@
-//! placeholder
+//! Benchmarks of MarieSync: a realistic workspace generator, and helpers
+//! shared by the criterion benches and the end-to-end benchmark.
+
+pub mod workspace_gen;

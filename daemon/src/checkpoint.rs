@@ -8,7 +8,7 @@ use std::path::Path;
 use mariesync_protocol::{CheckpointId, ChunkHash, FileKind};
 use rayon::prelude::*;
 
-use crate::materialize::{self, WriteError};
+use crate::materialize::{self, Expected, Identity, WriteError};
 use crate::store::{
     self, CheckpointRecord, EncodedChunk, MANIFEST_CHUNKS, ManifestEntry, Store, StoreError,
 };
@@ -31,6 +31,8 @@ pub fn create(
     message: String,
     created_ms: u64,
 ) -> Result<CheckpointRecord, StoreError> {
+    // Manifest chunks found in the store are reused: keep them there.
+    let _references = store.reference_guard();
     let sequence = store
         .workspace(workspace)?
         .map(|r| r.next_sequence)
@@ -248,18 +250,28 @@ pub fn restore(
         .par_iter()
         .filter(|e| e.kind != FileKind::Directory)
         .map(|entry| {
-            if let Some(current) = current_by_path.get(entry.path.as_str())
-                && current.kind != FileKind::Directory
-            {
-                let path = materialize::resolve_inside(root, &entry.path)?;
-                if !on_disk_matches(&path, current) {
-                    return Err(WriteError::Io {
-                        path: entry.path.to_string(),
-                        source: std::io::Error::other("changed on disk since it was indexed; kept"),
-                    });
+            let path = materialize::resolve_inside(root, &entry.path)?;
+            let changed = || WriteError::Io {
+                path: entry.path.to_string(),
+                source: std::io::Error::other("changed on disk since it was indexed; kept"),
+            };
+            // What the index knows is there may be replaced, if it is still
+            // exactly that; where it knows nothing, nothing may be replaced.
+            let expected = match current_by_path.get(entry.path.as_str()) {
+                Some(current) if current.kind != FileKind::Directory => {
+                    let before = Identity::of(&path);
+                    if !on_disk_matches(&path, current) {
+                        return Err(changed());
+                    }
+                    match (before, Identity::of(&path)) {
+                        (Some(a), Some(b)) if a == b => Expected::Present(a),
+                        (None, None) => Expected::Absent,
+                        _ => return Err(changed()),
+                    }
                 }
-            }
-            materialize::write_entry(root, entry, &reader)
+                _ => Expected::Absent,
+            };
+            materialize::write_entry(root, entry, &reader, expected)
         })
         .collect();
     for (entry, result) in to_write
@@ -306,8 +318,9 @@ fn on_disk_matches(path: &Path, entry: &ManifestEntry) -> bool {
             if !meta.is_file() || meta.len() != entry.size {
                 return false;
             }
-            match std::fs::read(path) {
-                Ok(data) => ChunkHash::of(&data) == entry.content_hash,
+            let mut hasher = blake3::Hasher::new();
+            match std::fs::File::open(path).and_then(|file| hasher.update_reader(file).map(drop)) {
+                Ok(()) => ChunkHash::from(hasher.finalize()) == entry.content_hash,
                 Err(_) => false,
             }
         }

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use mariesync_ffi::{Client, ClientError, HOME_ENV, HomePaths};
 use mariesync_protocol::ipc::method;
 use serde_json::{Value, json};
+use tracing_subscriber::Layer as _;
 
 #[derive(Parser)]
 #[command(
@@ -302,12 +303,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn run_daemon(paths: HomePaths, args: DaemonArgs) -> Result<(), Failure> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Logs go to stderr (the service manager's journal) and to the home.
+    let log_file = open_log_file(&paths);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(filter()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with(log_file.map(|file| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .with_filter(filter())
+        }))
         .init();
     crate::daemon::run(crate::daemon::Options {
         paths,
@@ -316,6 +330,22 @@ fn run_daemon(paths: HomePaths, args: DaemonArgs) -> Result<(), Failure> {
         relay: args.relay,
     })
     .map_err(|e| Failure::Other(format!("{e:#}")))
+}
+
+/// `mariesync.log` in the home's data directory, appended to; a log over
+/// 10 MiB is moved to `mariesync.log.1` first.
+fn open_log_file(paths: &HomePaths) -> Option<std::fs::File> {
+    const LOG_BYTES_MAX: u64 = 10 * 1024 * 1024;
+    let path = paths.log_file();
+    std::fs::create_dir_all(&paths.data_dir).ok()?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() > LOG_BYTES_MAX) {
+        let _ = std::fs::rename(&path, path.with_extension("log.1"));
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .ok()
 }
 
 /// Drops `null` members so optional params are simply absent.

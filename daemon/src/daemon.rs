@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
@@ -44,7 +46,15 @@ pub struct Daemon {
     pub events: Arc<EventLog>,
     workspaces: Mutex<BTreeMap<u32, workspace::Handle>>,
     shutdown: watch::Sender<bool>,
+    /// Set when chunks may have become unreferenced since the last GC.
+    garbage: Arc<AtomicBool>,
 }
+
+/// Paths one `workspace.touched` call may name.
+const TOUCHED_PATHS_MAX: usize = 10_000;
+
+/// How often unreferenced chunks are collected, when there may be some.
+const GC_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// Runs the daemon until SIGINT, SIGTERM or the `shutdown` method.
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -83,6 +93,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         events,
         workspaces: Mutex::new(BTreeMap::new()),
         shutdown,
+        garbage: Arc::new(AtomicBool::new(true)),
     });
     for (number, record) in store.workspaces()? {
         daemon.start_worker(number, &record, true);
@@ -106,9 +117,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
         tracing::info!(device_id = %daemon.device_id, socket = %socket.display(), "mariesync daemon ready");
         let server = tokio::spawn(crate::ipc::serve(listener, daemon.clone(), shutdown_rx.clone()));
+        let collector = tokio::spawn(collect_garbage_periodically(daemon.clone()));
         wait_for_shutdown(shutdown_rx).await;
         tracing::info!("shutting down");
         let _ = daemon.shutdown.send(true);
+        collector.abort();
         let _ = server.await;
         anyhow::Ok(())
     });
@@ -122,6 +135,27 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     let _ = std::fs::remove_file(paths.socket());
     result
+}
+
+async fn collect_garbage_periodically(daemon: Arc<Daemon>) {
+    let mut interval = tokio::time::interval(GC_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if !daemon.garbage.swap(false, Ordering::Relaxed) {
+            continue;
+        }
+        let store = daemon.store.clone();
+        match tokio::task::spawn_blocking(move || store.collect_garbage()).await {
+            Ok(Ok((chunks, bytes))) if chunks > 0 => {
+                tracing::info!("garbage collection removed {chunks} chunks ({bytes} bytes)")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("garbage collection failed: {e}"),
+            Err(e) => tracing::error!("garbage collection panicked: {e}"),
+        }
+    }
 }
 
 async fn wait_for_shutdown(mut shutdown: watch::Receiver<bool>) {
@@ -200,6 +234,7 @@ impl Daemon {
             store: self.store.clone(),
             events: self.events.clone(),
             device: self.device_key,
+            garbage: self.garbage.clone(),
         };
         let handle = workspace::start(
             context,
@@ -247,12 +282,23 @@ impl Daemon {
             }
             method::WORKSPACE_TOUCHED => {
                 let p: TouchedParams = parse_params(params)?;
+                if p.paths.len() > TOUCHED_PATHS_MAX {
+                    return Err(RpcError::new(
+                        ErrorCode::InvalidParams,
+                        format!("at most {TOUCHED_PATHS_MAX} paths per call; use flush for more"),
+                    ));
+                }
                 let root = self.resolve(&p.workspace)?.root.clone();
-                let paths = p
-                    .paths
-                    .iter()
-                    .map(|path| relative_to(&root, path))
-                    .collect::<Result<Vec<_>, _>>()?;
+                // Resolving paths touches the file system: not on the
+                // async threads.
+                let paths = tokio::task::spawn_blocking(move || {
+                    p.paths
+                        .iter()
+                        .map(|path| relative_to(&root, path))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
                 self.job(&p.workspace, |reply| Job::Scan {
                     scope: Scope::Paths(paths),
                     reply: Some(reply),
@@ -296,14 +342,18 @@ impl Daemon {
             _ => {
                 let this = self.clone();
                 let method_name = method_name.to_owned();
-                tokio::task::spawn_blocking(move || this.handle_blocking(&method_name, params))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(RpcError::new(
-                            ErrorCode::Internal,
-                            format!("request failed: {e}"),
-                        ))
-                    })
+                tokio::task::spawn_blocking(move || {
+                    let result = this.handle_blocking(&method_name, params);
+                    crate::release_memory();
+                    result
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(RpcError::new(
+                        ErrorCode::Internal,
+                        format!("request failed: {e}"),
+                    ))
+                })
             }
         }
     }
@@ -369,6 +419,7 @@ impl Daemon {
                 self.store.remove_workspace(number).map_err(store_err)?;
                 self.events
                     .publish(event_kind::WORKSPACE_REMOVED, json!({ "workspace_id": id }));
+                self.garbage.store(true, Ordering::Relaxed);
                 Ok(json!({}))
             }
             method::WORKSPACE_FILES => {
@@ -460,6 +511,9 @@ impl Daemon {
                     "stored_bytes": stats.stored_bytes,
                     "raw_bytes": stats.raw_bytes,
                     "database_bytes": db_bytes,
+                    "database_stored_bytes": stats.database_stored_bytes,
+                    "database_metadata_bytes": stats.database_metadata_bytes,
+                    "database_fragmented_bytes": stats.database_fragmented_bytes,
                 }))
             }
             method::STORE_VERIFY => {
@@ -505,51 +559,12 @@ impl Daemon {
         }
     }
 
-    /// After chunks were dropped as corrupt: index entries that reference
-    /// them must be re-read from disk. Forgetting their stat cache makes the
-    /// next full scan re-hash them.
+    /// After chunks were dropped as corrupt, every workspace re-reads the
+    /// files that used them (in its own worker: the only index writer).
     fn rescan_all_for_repair(&self) {
         let workspaces = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
         for handle in workspaces.values() {
-            if let Ok(files) = self.store.files(handle.shared.number, None) {
-                let reader = match self.store.reader() {
-                    Ok(r) => r,
-                    Err(_) => return,
-                };
-                let stale: Vec<_> = files
-                    .into_iter()
-                    .filter(|f| {
-                        !f.entry.deleted
-                            && f.entry
-                                .chunks
-                                .iter()
-                                .any(|c| !reader.contains(&c.hash).unwrap_or(false))
-                    })
-                    .map(|mut f| {
-                        f.stat = None;
-                        f
-                    })
-                    .collect();
-                drop(reader);
-                if !stale.is_empty() {
-                    let next = self
-                        .store
-                        .workspace(handle.shared.number)
-                        .ok()
-                        .flatten()
-                        .map(|r| r.next_sequence)
-                        .unwrap_or(0);
-                    let batch = crate::store::Batch {
-                        upserts: stale,
-                        ..Default::default()
-                    };
-                    let _ = self.store.commit_batch(handle.shared.number, &batch, next);
-                }
-            }
-            let _ = handle.send(Job::Scan {
-                scope: Scope::Full,
-                reply: None,
-            });
+            let _ = handle.send(Job::Repair);
         }
     }
 

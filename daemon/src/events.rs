@@ -82,11 +82,11 @@ impl EventLog {
                 .front()
                 .map(|(seq, _)| *seq)
                 .unwrap_or(inner.next_seq);
-            if since + 1 < oldest {
+            if since.saturating_add(1) < oldest {
                 replay.push(Arc::new(json!({
                     "seq": oldest.saturating_sub(1),
                     "kind": event_kind::GAP,
-                    "from": since + 1,
+                    "from": since.saturating_add(1),
                     "to": oldest - 1,
                     "message": "events between these sequence numbers are no longer kept; re-read the state you need",
                 })));

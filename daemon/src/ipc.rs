@@ -25,6 +25,8 @@ use crate::daemon::Daemon;
 const CONNECTIONS_MAX: usize = 256;
 /// Requests in flight per connection; the reader waits beyond this.
 const REQUESTS_IN_FLIGHT_MAX: usize = 32;
+/// A frame not written within this time closes its connection.
+const FRAME_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Outgoing frames queued per connection.
 const OUTGOING_FRAMES_MAX: usize = 1024;
 
@@ -80,13 +82,22 @@ fn same_user(_stream: &Stream) -> bool {
 async fn connection(stream: Stream, daemon: Arc<Daemon>) {
     let stream = Arc::new(stream);
     let (out, mut outgoing) = mpsc::channel::<Vec<u8>>(OUTGOING_FRAMES_MAX);
+    // Dropped when the writer stops, which stops the reader too.
+    let (writer_alive, mut writer_stopped) = tokio::sync::oneshot::channel::<()>();
     let writer = {
         let stream = stream.clone();
         tokio::spawn(async move {
+            let _alive = writer_alive;
             let mut sink = &*stream;
             while let Some(frame) = outgoing.recv().await {
-                if sink.write_all(&frame).await.is_err() {
-                    return;
+                // A client that stops reading is disconnected, not waited for.
+                match tokio::time::timeout(FRAME_WRITE_TIMEOUT, sink.write_all(&frame)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::warn!("closing an IPC connection whose client stopped reading");
+                        return;
+                    }
                 }
             }
             let _ = sink.flush().await;
@@ -98,7 +109,11 @@ async fn connection(stream: Stream, daemon: Arc<Daemon>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut source = &*stream;
     'read: loop {
-        let n = match source.read(&mut buf).await {
+        let read = tokio::select! {
+            read = source.read(&mut buf) => read,
+            _ = &mut writer_stopped => break,
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -168,8 +183,8 @@ async fn connection(stream: Stream, daemon: Arc<Daemon>) {
         task.abort();
     }
     drop(out);
-    // Let in-flight requests answer before the writer goes.
-    let _ = in_flight.acquire_many(REQUESTS_IN_FLIGHT_MAX as u32).await;
+    // The writer ends once in-flight requests have answered (they hold the
+    // other senders) or once it cannot write.
     let _ = writer.await;
 }
 

@@ -67,10 +67,57 @@ fn rand_u64() -> u64 {
 
 /// Writes one manifest entry (file or symlink) at its path, atomically.
 /// Directories are created by the caller.
+/// What must be at a path for a write to replace it: checked once before
+/// the write and again just before the rename, so a file saved meanwhile, or
+/// one the index never knew (an ignored file), is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Nothing, or an empty directory.
+    Absent,
+    /// The file or link with this identity.
+    Present(Identity),
+}
+
+/// What tells two versions of a path apart without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    inode: u64,
+}
+
+impl Identity {
+    pub fn of(path: &Path) -> Option<Identity> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        let stat = crate::scan::stat_of(&meta);
+        Some(Identity {
+            size: stat.size,
+            mtime_ns: stat.mtime_ns,
+            ctime_ns: stat.ctime_ns,
+            inode: stat.inode,
+        })
+    }
+}
+
+/// True if what is at `path` is what `expected` says.
+fn still_expected(path: &Path, expected: Expected) -> bool {
+    match expected {
+        Expected::Absent => match std::fs::symlink_metadata(path) {
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            Ok(meta) => {
+                meta.is_dir() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+            }
+        },
+        Expected::Present(identity) => Identity::of(path) == Some(identity),
+    }
+}
+
 pub fn write_entry(
     root: &Path,
     entry: &ManifestEntry,
     reader: &ChunkReader,
+    expected: Expected,
 ) -> Result<(), WriteError> {
     let target = resolve_inside(root, &entry.path)?;
     let io = |source| WriteError::Io {
@@ -90,13 +137,25 @@ pub fn write_entry(
             }
             FileKind::Directory => unreachable!("directories are created by the caller"),
         }
+        if !still_expected(&target, expected) {
+            return Err(WriteError::Io {
+                path: entry.path.to_string(),
+                source: std::io::Error::other(
+                    "changed on disk while the new version was written; kept",
+                ),
+            });
+        }
         // A directory where a file must go is removed only if empty.
         if let Ok(meta) = std::fs::symlink_metadata(&target)
             && meta.is_dir()
         {
             std::fs::remove_dir(&target).map_err(io)?;
         }
-        std::fs::rename(&temp, &target).map_err(io)
+        match expected {
+            // Nothing may appear there in the meantime either.
+            Expected::Absent => rename_noreplace(&temp, &target).map_err(io),
+            Expected::Present(_) => std::fs::rename(&temp, &target).map_err(io),
+        }
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -155,6 +214,42 @@ pub fn set_executable(path: &Path, executable: bool) -> std::io::Result<()> {
     #[cfg(not(unix))]
     let _ = (path, executable);
     Ok(())
+}
+
+/// Renames `from` to `to` unless `to` exists (atomically where the system
+/// can: renameat2 with RENAME_NOREPLACE on Linux).
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let from_c = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+        let to_c = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+        // SAFETY: both are valid NUL-terminated paths for the call's duration.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from_c.as_ptr(),
+                libc::AT_FDCWD,
+                to_c.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        // Filesystems without RENAME_NOREPLACE: fall back to check-then-rename.
+        if error.raw_os_error() != Some(libc::EINVAL) {
+            return Err(error);
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists and is not tracked; kept",
+        ));
+    }
+    std::fs::rename(from, to)
 }
 
 pub fn sync_dir(path: &Path) {

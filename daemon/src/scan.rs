@@ -143,7 +143,10 @@ impl Scanner<'_> {
             return Err(ScanError::RootMissing(self.root.to_path_buf()));
         }
         let mut report = ScanReport::default();
-        let seen = self.walk(scope, &mut report.skipped);
+        // From the first "the store has this chunk" decision to the last
+        // commit, no chunk may be deleted.
+        let _references = self.store.reference_guard();
+        let (seen, unreadable) = self.walk(scope, &mut report.skipped);
 
         let mut indexed: HashMap<String, IndexedFile> = HashMap::new();
         match scope {
@@ -175,7 +178,6 @@ impl Scanner<'_> {
             .workspace(self.workspace)?
             .map(|r| r.next_sequence)
             .ok_or_else(|| StoreError::Record("workspace vanished".into()))?;
-        let now_ns = now_ns();
         let mut batch = Batch::default();
         let mut to_hash = Vec::new();
         let seen_paths: HashSet<&str> = seen.iter().map(|s| s.path.as_str()).collect();
@@ -219,6 +221,13 @@ impl Scanner<'_> {
                         );
                         continue;
                     };
+                    if link_escapes(&item.path, &target) {
+                        push_limited(
+                            &mut report.skipped,
+                            format!("{} (link points outside the workspace)", item.path),
+                        );
+                        continue;
+                    }
                     let unchanged = old.is_some_and(|o| {
                         !o.entry.deleted
                             && o.entry.symlink_target.as_deref() == Some(target.as_str())
@@ -246,6 +255,10 @@ impl Scanner<'_> {
             .collect();
         gone.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
         for old in gone {
+            // Under a directory the walk could not read: unknown, not gone.
+            if unreadable.iter().any(|dir| old.entry.path.starts_with(dir)) {
+                continue;
+            }
             match std::fs::symlink_metadata(self.root.join(old.entry.path.as_str())) {
                 Err(e)
                     if e.kind() == std::io::ErrorKind::NotFound
@@ -267,13 +280,19 @@ impl Scanner<'_> {
                     );
                 }
                 // Still there but no longer walked: ignored now. Forget it
-                // locally; an ignored file is never deleted elsewhere.
-                _ => batch.forget.push(old.entry.path.clone()),
+                // locally; an ignored file is never deleted elsewhere. The
+                // sequence moves so checkpoints see the index changed.
+                _ => {
+                    batch.forget.push(old.entry.path.clone());
+                    next_sequence += 1;
+                }
             }
         }
-        self.commit(&mut batch, next_sequence)?;
-
-        // Contents, in parallel, committed in bounded batches.
+        // Contents: hashed and compressed in parallel, batch by batch, while
+        // a committer thread writes the previous batch. Intermediate commits
+        // are not durable; the last one is, which makes them all so. A
+        // crash before it loses nothing that was acknowledged: the next
+        // scan finds the same changes again.
         let total_bytes: u64 = to_hash.iter().map(|s| s.stat.size).sum();
         self.progress
             .files_to_hash
@@ -281,8 +300,52 @@ impl Scanner<'_> {
         self.progress
             .bytes_to_hash
             .store(total_bytes, Ordering::Relaxed);
+        let outcome = std::thread::scope(|scope| -> Result<bool, ScanError> {
+            let (sender, receiver) = std::sync::mpsc::sync_channel::<(Batch, u64)>(1);
+            let committer = scope.spawn(move || -> Result<(), StoreError> {
+                for (batch, next) in receiver {
+                    self.store
+                        .commit_batch(self.workspace, &batch, next, false)?;
+                }
+                Ok(())
+            });
+            let hashed = self.hash_all(
+                &to_hash,
+                &indexed,
+                &mut report,
+                batch,
+                &mut next_sequence,
+                &sender,
+            );
+            drop(sender);
+            let committed = committer.join().expect("the committer thread panicked");
+            let sent = hashed?;
+            committed?;
+            Ok(sent)
+        });
+        if outcome? {
+            self.store
+                .commit_batch(self.workspace, &Batch::default(), next_sequence, true)?;
+        }
+        Ok(report)
+    }
+
+    /// Hashes `to_hash` in bounded parallel batches and sends each batch
+    /// (starting with `batch`, which holds the entries decided so far) to the
+    /// committer.
+    fn hash_all(
+        &self,
+        to_hash: &[&Seen],
+        indexed: &HashMap<String, IndexedFile>,
+        report: &mut ScanReport,
+        mut batch: Batch,
+        next_sequence: &mut u64,
+        committer: &std::sync::mpsc::SyncSender<(Batch, u64)>,
+    ) -> Result<bool, ScanError> {
+        let now_ns = now_ns();
         let mut start = 0;
-        while start < to_hash.len() {
+        let mut sent = false;
+        loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(ScanError::Cancelled);
             }
@@ -297,12 +360,13 @@ impl Scanner<'_> {
             let results: Vec<_> = to_hash[start..end]
                 .par_iter()
                 .map(|item| {
-                    let result = ingest_file(&self.root.join(item.path.as_str()), &reader);
+                    let spill = |chunks: &[EncodedChunk]| self.store.commit_chunks(chunks);
+                    let result = ingest_file(&self.root.join(item.path.as_str()), &reader, &spill);
                     self.progress.files_hashed.fetch_add(1, Ordering::Relaxed);
                     self.progress
                         .bytes_hashed
                         .fetch_add(item.stat.size, Ordering::Relaxed);
-                    (item, result)
+                    (*item, result)
                 })
                 .collect();
             drop(reader);
@@ -318,8 +382,8 @@ impl Scanner<'_> {
                                 batch.chunks.push(chunk);
                             }
                         }
-                        let racy = now_ns - ingested.stat.mtime_ns < RACY_WINDOW_NS
-                            || now_ns - ingested.stat.ctime_ns < RACY_WINDOW_NS;
+                        let racy = now_ns.saturating_sub(ingested.stat.mtime_ns) < RACY_WINDOW_NS
+                            || now_ns.saturating_sub(ingested.stat.ctime_ns) < RACY_WINDOW_NS;
                         let stat = (!racy).then_some(ingested.stat);
                         let seen_now = Seen {
                             path: item.path.clone(),
@@ -328,14 +392,7 @@ impl Scanner<'_> {
                         };
                         let entry =
                             new_entry(&seen_now, ingested.content_hash, ingested.chunks, None);
-                        self.push_change(
-                            &mut batch,
-                            &mut report,
-                            old,
-                            entry,
-                            stat,
-                            &mut next_sequence,
-                        );
+                        self.push_change(&mut batch, report, old, entry, stat, next_sequence);
                     }
                     Err(IngestError::Unstable) => report.unstable.push(item.path.clone()),
                     Err(IngestError::Gone) => {}
@@ -346,10 +403,22 @@ impl Scanner<'_> {
                     Err(IngestError::Store(e)) => return Err(e.into()),
                 }
             }
-            self.commit(&mut batch, next_sequence)?;
+            if !batch.upserts.is_empty() || !batch.forget.is_empty() || !batch.chunks.is_empty() {
+                // A send fails only if the committer stopped on an error,
+                // which it returns itself.
+                if committer
+                    .send((std::mem::take(&mut batch), *next_sequence))
+                    .is_err()
+                {
+                    return Ok(sent);
+                }
+                sent = true;
+            }
+            if end >= to_hash.len() {
+                return Ok(sent);
+            }
             start = end;
         }
-        Ok(report)
     }
 
     /// Records `entry` as the new state of its path unless nothing that
@@ -386,17 +455,8 @@ impl Scanner<'_> {
         batch.upserts.push(IndexedFile { entry, stat });
     }
 
-    fn commit(&self, batch: &mut Batch, next_sequence: u64) -> Result<(), StoreError> {
-        if batch.upserts.is_empty() && batch.forget.is_empty() && batch.chunks.is_empty() {
-            return Ok(());
-        }
-        self.store
-            .commit_batch(self.workspace, batch, next_sequence)?;
-        *batch = Batch::default();
-        Ok(())
-    }
-
-    fn walk(&self, scope: &Scope, skipped: &mut Vec<String>) -> Vec<Seen> {
+    /// Returns what the walk saw, and the directories it could not read.
+    fn walk(&self, scope: &Scope, skipped: &mut Vec<String>) -> (Vec<Seen>, Vec<RelPath>) {
         let root = self.root.to_path_buf();
         // For partial scans: the targets, and every ancestor of a target
         // (walked through, so their ignore files apply, but not scanned).
@@ -474,14 +534,32 @@ impl Scanner<'_> {
         }
         let out = Mutex::new(Vec::new());
         let skipped_shared = Mutex::new(Vec::new());
+        let unreadable_shared = Mutex::new(Vec::new());
         builder.build_parallel().run(|| {
             let root = &root;
             let out = &out;
             let skipped_shared = &skipped_shared;
+            let unreadable_shared = &unreadable_shared;
             let in_scope = in_scope.clone();
             Box::new(move |result| {
-                let Ok(entry) = result else {
-                    return ignore::WalkState::Continue;
+                let entry = match result {
+                    Ok(entry) => entry,
+                    Err(error) => {
+                        tracing::warn!("cannot read part of the workspace: {error}");
+                        if let Some(rel) = error_path(&error)
+                            .and_then(|p| p.strip_prefix(root).ok())
+                            .and_then(Path::to_str)
+                            .and_then(|p| {
+                                RelPath::new(p.replace(std::path::MAIN_SEPARATOR, "/")).ok()
+                            })
+                        {
+                            unreadable_shared
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(rel);
+                        }
+                        return ignore::WalkState::Continue;
+                    }
                 };
                 if entry.depth() == 0 {
                     return ignore::WalkState::Continue;
@@ -531,6 +609,7 @@ impl Scanner<'_> {
             })
         });
         skipped.extend(skipped_shared.into_inner().unwrap_or_default());
+        let unreadable = unreadable_shared.into_inner().unwrap_or_default();
         if self.clean_temp_files {
             for temp in temp_files
                 .lock()
@@ -548,12 +627,48 @@ impl Scanner<'_> {
         }
         let mut seen = out.into_inner().unwrap_or_default();
         seen.sort_by(|a, b| a.path.cmp(&b.path));
-        seen
+        (seen, unreadable)
     }
 }
 
+/// The path an error of the walk is about, if it names one.
+fn error_path(error: &ignore::Error) -> Option<&Path> {
+    match error {
+        ignore::Error::WithPath { path, .. } => Some(path),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            error_path(err)
+        }
+        _ => None,
+    }
+}
+
+/// True if a symlink at `link` with this target leads outside the
+/// workspace (absolute, or more `..` than it has parents).
+pub fn link_escapes(link: &RelPath, target: &str) -> bool {
+    if target.starts_with('/')
+        || target.starts_with('\\')
+        || target.as_bytes().get(1) == Some(&b':')
+    {
+        return true;
+    }
+    let mut depth = link.components().count() as i64 - 1;
+    for component in target.split(['/', '\\']) {
+        match component {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
 /// True if the root holds nothing but what is never synced.
-fn root_is_empty(root: &Path) -> bool {
+pub fn root_is_empty(root: &Path) -> bool {
     match std::fs::read_dir(root) {
         Ok(entries) => entries.flatten().all(|e| {
             let name = e.file_name();
@@ -624,8 +739,15 @@ pub fn stat_of(meta: &std::fs::Metadata) -> StatCache {
     use std::os::unix::fs::MetadataExt;
     StatCache {
         size: meta.len(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        // Saturating: a file dated past 2262 must not crash the scan.
+        mtime_ns: meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
+        ctime_ns: meta
+            .ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.ctime_nsec()),
         inode: meta.ino(),
         mode: meta.mode(),
     }
@@ -670,8 +792,17 @@ pub struct Ingested {
     pub chunks_new: Vec<EncodedChunk>,
 }
 
-/// Reads, chunks, hashes and (for new chunks) compresses one file.
-pub fn ingest_file(path: &Path, reader: &ChunkReader) -> Result<Ingested, IngestError> {
+/// New chunks of one file held in memory at most before they are committed
+/// on their own (through `spill`), so a huge file needs bounded memory.
+const SPILL_BYTES: usize = 32 * 1024 * 1024;
+
+/// Reads, chunks, hashes and (for new chunks) compresses one file. New
+/// chunks beyond [`SPILL_BYTES`] are handed to `spill` to be committed early.
+pub fn ingest_file(
+    path: &Path,
+    reader: &ChunkReader,
+    spill: &dyn Fn(&[EncodedChunk]) -> Result<(), StoreError>,
+) -> Result<Ingested, IngestError> {
     const ATTEMPTS: usize = 3;
     for _ in 0..ATTEMPTS {
         let mut file = match open_nofollow(path) {
@@ -684,30 +815,42 @@ pub fn ingest_file(path: &Path, reader: &ChunkReader) -> Result<Ingested, Ingest
             return Err(IngestError::Gone);
         }
         let stat = stat_of(&before);
-        let mut hasher = blake3::Hasher::new();
         let mut chunks = Vec::new();
-        let mut chunks_new = Vec::new();
+        let mut chunks_new: Vec<EncodedChunk> = Vec::new();
+        let mut held_bytes = 0;
+        let mut known: HashSet<ChunkHash> = HashSet::new();
         let mut add_chunk = |data: &[u8]| -> Result<(), IngestError> {
-            hasher.update(data);
             let hash = ChunkHash::of(data);
             chunks.push(ChunkRef {
                 hash,
                 len: data.len() as u32,
             });
-            if !reader.contains(&hash).map_err(IngestError::Store)?
-                && !chunks_new.iter().any(|c: &EncodedChunk| c.hash == hash)
-            {
-                chunks_new.push(store::encode_chunk(hash, data));
+            if known.insert(hash) && !reader.contains(&hash).map_err(IngestError::Store)? {
+                let encoded = store::encode_chunk(hash, data);
+                held_bytes += encoded.stored.len();
+                chunks_new.push(encoded);
+                if held_bytes > SPILL_BYTES {
+                    spill(&chunks_new).map_err(IngestError::Store)?;
+                    chunks_new.clear();
+                    held_bytes = 0;
+                }
             }
             Ok(())
         };
-        if stat.size <= WHOLE_READ_BYTES_MAX {
+        let content_hash = if stat.size <= WHOLE_READ_BYTES_MAX {
             let mut data = Vec::with_capacity(stat.size as usize);
             file.read_to_end(&mut data).map_err(IngestError::Io)?;
-            for (offset, len) in store::chunk_boundaries(&data, CONTENT_CHUNKS) {
+            let bounds = store::chunk_boundaries(&data, CONTENT_CHUNKS);
+            for &(offset, len) in &bounds {
                 add_chunk(&data[offset..offset + len])?;
             }
+            // One chunk: its hash is the content hash; don't hash twice.
+            match bounds.len() {
+                1 => None,
+                _ => Some(ChunkHash::of(&data)),
+            }
         } else {
+            let mut hasher = blake3::Hasher::new();
             let stream = fastcdc::v2020::StreamCDC::new(
                 &mut file,
                 CONTENT_CHUNKS.min as usize,
@@ -717,19 +860,17 @@ pub fn ingest_file(path: &Path, reader: &ChunkReader) -> Result<Ingested, Ingest
             for chunk in stream {
                 let chunk =
                     chunk.map_err(|e| IngestError::Io(std::io::Error::other(e.to_string())))?;
+                hasher.update(&chunk.data);
                 add_chunk(&chunk.data)?;
             }
-        }
+            Some(ChunkHash::from(hasher.finalize()))
+        };
         let after = file.metadata().map_err(IngestError::Io)?;
         let length: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         if stat_of(&after) != stat || length != stat.size {
             continue;
         }
-        let content_hash = if chunks.len() == 1 {
-            chunks[0].hash
-        } else {
-            ChunkHash::from(hasher.finalize())
-        };
+        let content_hash = content_hash.unwrap_or_else(|| chunks[0].hash);
         return Ok(Ingested {
             stat,
             content_hash,
@@ -752,4 +893,66 @@ fn open_nofollow(path: &Path) -> std::io::Result<File> {
 #[cfg(not(unix))]
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
     File::open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_file_is_ingested_in_bounded_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let path = dir.path().join("big.bin");
+        // 80 MiB of incompressible bytes: more than two spills' worth.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let data: Vec<u8> = (0..80 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let spilled = std::sync::Mutex::new(Vec::new());
+        let spill = |chunks: &[EncodedChunk]| {
+            spilled
+                .lock()
+                .unwrap()
+                .push(chunks.iter().map(|c| c.stored.len()).sum::<usize>());
+            store.commit_chunks(chunks)
+        };
+        let ingested = ingest_file(&path, &store.reader().unwrap(), &spill).unwrap();
+        let spilled = spilled.into_inner().unwrap();
+        assert!(spilled.len() >= 2, "{spilled:?}");
+        assert!(
+            spilled
+                .iter()
+                .all(|&bytes| bytes <= SPILL_BYTES + CONTENT_CHUNKS.max as usize + 16)
+        );
+        let held: usize = ingested.chunks_new.iter().map(|c| c.stored.len()).sum();
+        assert!(held <= SPILL_BYTES, "{held}");
+        assert_eq!(ingested.content_hash, ChunkHash::of(&data));
+        // Every chunk is either spilled into the store or still held.
+        let reader = store.reader().unwrap();
+        for chunk in &ingested.chunks {
+            assert!(
+                reader.contains(&chunk.hash).unwrap()
+                    || ingested.chunks_new.iter().any(|c| c.hash == chunk.hash)
+            );
+        }
+    }
+
+    #[test]
+    fn links_that_leave_the_workspace_are_recognised() {
+        let at = |p: &str| RelPath::new(p).unwrap();
+        assert!(link_escapes(&at("a"), "/etc"));
+        assert!(link_escapes(&at("a"), ".."));
+        assert!(link_escapes(&at("d/a"), "../../x"));
+        assert!(link_escapes(&at("d/a"), "x/../../../y"));
+        assert!(!link_escapes(&at("d/a"), "../x"));
+        assert!(!link_escapes(&at("a"), "b/c/../d"));
+        assert!(!link_escapes(&at("d/e/a"), "../../f"));
+    }
 }

@@ -67,6 +67,8 @@ pub enum Job {
     Resume {
         reply: Reply,
     },
+    /// Chunks were dropped as corrupt: re-read the files that used them.
+    Repair,
     Stop,
 }
 
@@ -140,6 +142,8 @@ pub struct Context {
     pub store: Arc<Store>,
     pub events: Arc<EventLog>,
     pub device: DeviceKey,
+    /// Set when a change may have left chunks unreferenced.
+    pub garbage: Arc<AtomicBool>,
 }
 
 /// Starts the worker and the watcher of a workspace. The worker begins with
@@ -249,7 +253,11 @@ fn start_watcher(
     }
     // Links are content, not places to watch: following them would report
     // events under the link's path, and a link to `/` would watch the disk.
-    let config = notify::Config::default().with_follow_symlinks(false);
+    // Only changes: an open or a read by the IDE, a build or our own
+    // scanner must not even reach us (notify 8 always asked for IN_OPEN).
+    let config = notify::Config::default()
+        .with_follow_symlinks(false)
+        .with_event_kinds(notify::EventKindMask::CORE);
     let mut watcher = match notify::RecommendedWatcher::new(handler, config) {
         Ok(w) => w,
         Err(e) => {
@@ -358,13 +366,15 @@ impl Worker {
                 Job::Checkpoint { message, reply } => {
                     let result = self.checkpoint(message);
                     let _ = reply.send(result);
+                    crate::release_memory();
                 }
                 Job::Restore { id, reply } => {
                     let result = self.restore(id);
                     let _ = reply.send(result);
                 }
+                Job::Repair => self.repair(),
                 Job::Resume { reply } => {
-                    let result = self.resume();
+                    let result = self.resume(true);
                     let _ = reply.send(result);
                 }
             }
@@ -387,9 +397,11 @@ impl Worker {
     /// root, or run the safety rescan.
     fn tick(&mut self) {
         if let Activity::Paused(_) = self.shared.status().activity {
-            if root_has_entries(&self.shared.root) {
-                tracing::info!(workspace = %self.shared.name, "workspace root is back; resuming");
-                let _ = self.resume();
+            // Only content coming back resumes by itself; an empty root is
+            // accepted by the user alone (`workspace resume`).
+            if !scan::root_is_empty(&self.shared.root) {
+                tracing::info!(workspace = %self.shared.name, "workspace root has content again; resuming");
+                let _ = self.resume(false);
             }
         } else if !self.retry.is_empty() {
             let paths = std::mem::take(&mut self.retry).into_iter().collect();
@@ -588,6 +600,9 @@ impl Worker {
         let started = Instant::now();
         tracing::debug!(workspace = %self.shared.name, ?scope, "scan starts");
         let result = scanner.run(&scope);
+        if full {
+            crate::release_memory();
+        }
         match result {
             Ok(report) => {
                 self.shared.update(|s| {
@@ -633,6 +648,9 @@ impl Worker {
 
     fn announce(&self, report: &ScanReport, full: bool, took: Duration) {
         let workspace_id = self.shared.id.to_string();
+        if !report.changes.is_empty() {
+            self.context.garbage.store(true, Ordering::Relaxed);
+        }
         if report.changes.len() <= CHANGE_EVENTS_MAX {
             for (path, change) in &report.changes {
                 self.context.events.publish(
@@ -677,7 +695,9 @@ impl Worker {
         );
     }
 
-    fn resume(&mut self) -> Result<Value, RpcError> {
+    /// Resumes a paused workspace; `allow_empty` accepts an empty root as
+    /// the new state (the user said so).
+    fn resume(&mut self, allow_empty: bool) -> Result<Value, RpcError> {
         let number = self.shared.number;
         self.context
             .store
@@ -688,8 +708,50 @@ impl Worker {
             event_kind::WORKSPACE_STATE,
             json!({"workspace_id": self.shared.id.to_string(), "state": "scanning"}),
         );
-        self.scan_with(Scope::Full, false, true)?;
+        self.scan_with(Scope::Full, false, allow_empty)?;
         Ok(json!({}))
+    }
+
+    /// Forgets the stat cache of entries whose chunks are gone, then scans:
+    /// files that still have that content store it again.
+    fn repair(&mut self) {
+        let store = &self.context.store;
+        let number = self.shared.number;
+        let outcome = (|| -> Result<(), StoreError> {
+            let _references = store.reference_guard();
+            let reader = store.reader()?;
+            let mut stale = Vec::new();
+            for mut file in store.files(number, None)? {
+                if file.entry.deleted || file.stat.is_none() {
+                    continue;
+                }
+                let mut missing = false;
+                for chunk in &file.entry.chunks {
+                    missing |= !reader.contains(&chunk.hash)?;
+                }
+                if missing {
+                    file.stat = None;
+                    stale.push(file);
+                }
+            }
+            drop(reader);
+            if !stale.is_empty() {
+                let next = store
+                    .workspace(number)?
+                    .map(|r| r.next_sequence)
+                    .unwrap_or(0);
+                let batch = crate::store::Batch {
+                    upserts: stale,
+                    ..Default::default()
+                };
+                store.commit_batch(number, &batch, next, true)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            tracing::error!(workspace = %self.shared.name, "repair failed: {e}");
+        }
+        let _ = self.scan(Scope::Full, false);
     }
 
     fn checkpoint(&mut self, message: String) -> Result<Value, RpcError> {
@@ -749,12 +811,14 @@ impl Worker {
         let store = self.context.store.clone();
         let number = self.shared.number;
         self.shared.update(|s| s.activity = Activity::Restoring);
+        let mut target_is_empty = false;
         let outcome = (|| -> Result<checkpoint::RestoreReport, RpcError> {
             let (_, target) = checkpoint::load(&store, number, id)
                 .map_err(|e| store_rpc_error(&e))?
                 .ok_or_else(|| {
                     RpcError::new(ErrorCode::CheckpointNotFound, format!("no checkpoint {id}"))
                 })?;
+            target_is_empty = target.is_empty();
             let current =
                 checkpoint::live_manifest(&store, number).map_err(|e| store_rpc_error(&e))?;
             checkpoint::restore(&store, &self.shared.root, &current, &target).map_err(|e| match e {
@@ -769,18 +833,13 @@ impl Worker {
             })
         })();
         self.shared.update(|s| s.activity = Activity::Idle);
-        let report = match outcome {
-            Ok(report) => report,
-            Err(e) => {
-                // Nothing (or nothing more) can be done: don't retry at every start.
-                let _ = store.set_restore_intent(number, None);
-                return Err(e);
-            }
-        };
-        self.scan(Scope::Full, false)?;
-        store
-            .set_restore_intent(number, None)
-            .map_err(|e| store_rpc_error(&e))?;
+        // The tree is written (or cannot be): the intent is done either way.
+        // Left set, a later start would replay it over newer work.
+        let cleared = store.set_restore_intent(number, None);
+        let report = outcome?;
+        cleared.map_err(|e| store_rpc_error(&e))?;
+        // Restoring an empty checkpoint empties the root on purpose.
+        self.scan_with(Scope::Full, false, target_is_empty)?;
         for error in &report.errors {
             tracing::warn!(workspace = %self.shared.name, "restore: {error}");
         }
@@ -806,6 +865,16 @@ impl Worker {
         match self.context.store.restore_intent(self.shared.number) {
             Ok(Some(id)) => {
                 tracing::info!(workspace = %self.shared.name, "finishing the restore of checkpoint {id} that was interrupted");
+                // What is on disk now may hold work: keep it restorable.
+                if let Err(e) = checkpoint::create(
+                    &self.context.store,
+                    self.shared.number,
+                    format!("before finishing the interrupted restore of checkpoint {id}"),
+                    now_ms(),
+                ) {
+                    tracing::error!(workspace = %self.shared.name, "cannot checkpoint before finishing the restore: {e}");
+                    return;
+                }
                 if let Err(e) = self.run_restore(id) {
                     tracing::error!(workspace = %self.shared.name, "cannot finish the interrupted restore: {e}");
                 }
@@ -814,10 +883,6 @@ impl Worker {
             Err(e) => tracing::error!("cannot read restore intent: {e}"),
         }
     }
-}
-
-fn root_has_entries(root: &Path) -> bool {
-    std::fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some())
 }
 
 pub fn store_rpc_error(error: &StoreError) -> RpcError {

@@ -66,6 +66,10 @@ impl HomePaths {
         self.data_dir.join("mariesync.lock")
     }
 
+    pub fn log_file(&self) -> PathBuf {
+        self.data_dir.join("mariesync.log")
+    }
+
     pub fn device_key(&self) -> PathBuf {
         self.config_dir.join("device.key")
     }

@@ -167,3 +167,69 @@ fn corrupted_chunk_is_detected_and_never_used() {
     );
     assert_eq!(std::fs::read(root.join("precious.bin")).unwrap(), precious);
 }
+
+/// Regression: restore wrote over a file the index did not know (here: one
+/// that became ignored after the checkpoint), though ignored files are never
+/// touched.
+#[test]
+fn restore_never_overwrites_an_unindexed_file() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("local.json"), "checkpointed").unwrap();
+    std::fs::write(root.join("kept.txt"), "a").unwrap();
+    let device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.ok("checkpoint.create", json!({"workspace": ws}));
+    std::fs::write(root.join(".gitignore"), "local.json\n").unwrap();
+    std::fs::write(root.join("local.json"), "the user's newer, ignored edit").unwrap();
+    device.flush(&ws);
+    let restored = device.ok(
+        "checkpoint.restore",
+        json!({"workspace": ws, "checkpoint_id": "1"}),
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("local.json")).unwrap(),
+        "the user's newer, ignored edit"
+    );
+    assert!(
+        restored["errors"].to_string().contains("local.json"),
+        "{restored}"
+    );
+    assert!(
+        !root.join(".gitignore").exists(),
+        "the rest of the restore still happened"
+    );
+}
+
+/// Regression: restoring an empty checkpoint paused the workspace (the scan
+/// after it saw an empty root) and left the restore intent set, so a later
+/// start replayed the restore over newer work.
+#[test]
+fn restoring_an_empty_checkpoint_is_not_replayed() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.ok("checkpoint.create", json!({"workspace": ws}));
+    std::fs::write(root.join("a.txt"), "a").unwrap();
+    device.flush(&ws);
+    device.ok(
+        "checkpoint.restore",
+        json!({"workspace": ws, "checkpoint_id": "1"}),
+    );
+    assert!(!root.join("a.txt").exists());
+    assert_eq!(
+        device.cli_json(&["status"])["workspaces"][0]["state"],
+        "idle"
+    );
+    std::fs::write(root.join("new-work.txt"), "precious").unwrap();
+    device.flush(&ws);
+    device.restart();
+    device.flush(&ws);
+    assert_eq!(
+        std::fs::read_to_string(root.join("new-work.txt")).unwrap(),
+        "precious"
+    );
+}

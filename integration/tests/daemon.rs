@@ -174,6 +174,13 @@ fn ipc_abuse_gets_stable_errors_and_daemon_keeps_serving() {
         drop(half);
     }
 
+    // A `since` at the very top of the range.
+    let mut far = device.client();
+    assert!(
+        far.call("events.subscribe", json!({"since": u64::MAX}))
+            .is_ok()
+    );
+
     assert!(bystander.call("id", json!({})).is_ok());
     assert!(device.call("status", json!({})).is_ok());
 }

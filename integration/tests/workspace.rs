@@ -304,3 +304,55 @@ fn flush_sees_edits_behind_a_symlinked_directory() {
         &index_state(&device, &ws),
     );
 }
+
+/// Regression: a paused workspace resumed by itself as soon as anything at
+/// all was in its root, accepting the mass deletion; a root holding only
+/// `.git` is still empty.
+#[test]
+fn a_root_with_only_vcs_metadata_stays_paused() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    generate_tree(&root, 3, 20, 0, 0);
+    let device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.flush(&ws);
+    let before = index_state(&device, &ws);
+    std::fs::rename(&root, dir.path().join("away")).unwrap();
+    std::fs::create_dir_all(root.join(".git")).unwrap();
+    assert!(device.call("flush", json!({"workspace": ws})).is_err());
+    // Ask again until well past the automatic recheck period (2 s): the
+    // workspace must stay paused and keep its index.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        assert_eq!(
+            device.cli_json(&["status"])["workspaces"][0]["state"],
+            "paused"
+        );
+        assert_same_state("index while paused", &before, &index_state(&device, &ws));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Links are synced only when they stay inside the workspace; the others
+/// are listed as not synced.
+#[test]
+fn symlinks_leaving_the_workspace_are_not_indexed() {
+    let dir = temp_dir();
+    let root = dir.path().join("ws");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../../outside", root.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink("../inside.txt", root.join("sub/ok")).unwrap();
+    std::fs::write(root.join("inside.txt"), "x").unwrap();
+    let device = Device::start(dir.path());
+    let ws = device.add_workspace(&root, "w");
+    device.flush(&ws);
+    let indexed: Vec<String> = index_state(&device, &ws).into_keys().collect();
+    assert_eq!(indexed, vec!["inside.txt", "sub", "sub/ok"]);
+    let status = device.cli_json(&["status"]);
+    let skipped = status["workspaces"][0]["skipped"].to_string();
+    assert!(
+        skipped.contains("abs (link points outside") && skipped.contains("sub/up"),
+        "{status}"
+    );
+}

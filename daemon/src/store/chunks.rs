@@ -63,17 +63,42 @@ pub fn chunk_boundaries(data: &[u8], params: ChunkParams) -> Vec<(usize, usize)>
     .collect()
 }
 
-/// Compresses `raw` if that pays, and prefixes the codec byte.
+thread_local! {
+    /// One zstd context per thread: creating one per chunk cost more than
+    /// compressing small chunks.
+    static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses `raw` if that saves at least an eighth, and prefixes the codec
+/// byte.
 pub fn encode_chunk(hash: ChunkHash, raw: &[u8]) -> EncodedChunk {
-    let mut stored = Vec::with_capacity(raw.len() / 2 + 16);
-    stored.push(CODEC_ZSTD);
-    let compressed_ok = zstd::stream::copy_encode(raw, &mut stored, ZSTD_LEVEL).is_ok();
-    if !compressed_ok || stored.len() - 1 > raw.len() - raw.len() / 8 {
-        stored.clear();
-        stored.reserve(raw.len() + 1);
+    let compressed = COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                .ok()
+                .map(|c| (c, Vec::new()));
+        }
+        let (compressor, scratch) = cell.as_mut()?;
+        scratch.clear();
+        scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = compressor.compress_to_buffer(raw, scratch).ok()?;
+        (n <= raw.len() - raw.len() / 8).then(|| {
+            let mut stored = Vec::with_capacity(n + 1);
+            stored.push(CODEC_ZSTD);
+            stored.extend_from_slice(&scratch[..n]);
+            stored
+        })
+    });
+    let stored = compressed.unwrap_or_else(|| {
+        let mut stored = Vec::with_capacity(raw.len() + 1);
         stored.push(CODEC_RAW);
         stored.extend_from_slice(raw);
-    }
+        stored
+    });
     EncodedChunk {
         hash,
         raw_len: raw.len() as u32,
@@ -92,19 +117,20 @@ pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>
         .ok_or_else(|| corrupt("empty record".into()))?;
     let raw = match codec {
         CODEC_RAW => payload.to_vec(),
-        CODEC_ZSTD => {
-            // Bounded: a corrupt frame can't make us allocate more than the
-            // chunk's recorded length.
+        CODEC_ZSTD => DECOMPRESSOR.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = Some(zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?);
+            }
+            let decompressor = cell.as_mut().expect("set above");
+            // Bounded: the output buffer holds exactly the recorded length,
+            // so a corrupt frame can't make us allocate more.
             let mut out = Vec::with_capacity(len as usize);
-            let mut decoder =
-                zstd::stream::read::Decoder::new(payload).map_err(|e| corrupt(e.to_string()))?;
-            use std::io::Read;
-            (&mut decoder)
-                .take(u64::from(len) + 1)
-                .read_to_end(&mut out)
+            decompressor
+                .decompress_to_buffer(payload, &mut out)
                 .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
-            out
-        }
+            Ok::<_, StoreError>(out)
+        })?,
         other => return Err(corrupt(format!("unknown codec {other}"))),
     };
     if raw.len() != len as usize {

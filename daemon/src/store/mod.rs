@@ -29,10 +29,14 @@ pub use records::{
     CheckpointRecord, IndexedFile, ManifestEntry, StatCache, WorkspaceRecord, WorkspaceState,
 };
 
-/// chunk hash -> codec byte + payload (see `chunks::encode_chunk`).
-const CHUNK_DATA: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("chunk_data");
-/// chunk hash -> (stored bytes, raw bytes): lets GC and stats avoid reading data.
-const CHUNK_INFO: TableDefinition<[u8; 32], (u32, u32)> = TableDefinition::new("chunk_info");
+/// chunk number -> codec byte + payload (see `chunks::encode_chunk`).
+/// Keyed by a number that only grows, so new chunks append at the right
+/// edge of the B-tree instead of copying random leaves on every commit
+/// (random blake3 keys made the file 4x the size of its data).
+const CHUNK_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("chunk_data");
+/// chunk hash -> (chunk number, stored bytes, raw bytes). Small, so lookups,
+/// GC and stats never read chunk data.
+const CHUNK_INFO: TableDefinition<[u8; 32], (u64, u32, u32)> = TableDefinition::new("chunk_info");
 /// workspace number -> WorkspaceRecord.
 const WORKSPACES: TableDefinition<u32, &[u8]> = TableDefinition::new("workspaces");
 /// (workspace number, path) -> IndexedFile.
@@ -44,7 +48,8 @@ const CHECKPOINTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("ch
 /// Small named values: schema version, counters, restore intents.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-const SCHEMA_VERSION: u32 = 1;
+/// 2: chunk data keyed by ascending chunk number.
+const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,7 +64,7 @@ pub enum StoreError {
     #[error("a stored record is unreadable: {0}")]
     Record(String),
     #[error(
-        "the database was written by a newer MarieSync (schema {found}, this build reads {SCHEMA_VERSION})"
+        "the database has schema {found}, this build reads schema {SCHEMA_VERSION}; move the home's mariesync.redb away (it was written by another development build)"
     )]
     Schema { found: u32 },
 }
@@ -86,6 +91,11 @@ pub struct Store {
     failed: AtomicBool,
     /// Serialises read-modify-write of workspace records across workers.
     workspace_lock: Mutex<()>,
+    /// Held shared by everyone between deciding "the store has this chunk"
+    /// and committing a reference to it (scans, checkpoints); held
+    /// exclusively by whatever deletes chunks (GC, dropping a corrupt one).
+    /// Without it, GC could delete a chunk a scan has just chosen to reuse.
+    references: std::sync::RwLock<()>,
 }
 
 /// Everything one scan batch commits at once.
@@ -102,6 +112,11 @@ pub struct StoreStats {
     pub chunks: u64,
     pub stored_bytes: u64,
     pub raw_bytes: u64,
+    /// redb's own accounting: bytes of keys and values, of its B-tree
+    /// metadata, and lost to page rounding and free space.
+    pub database_stored_bytes: u64,
+    pub database_metadata_bytes: u64,
+    pub database_fragmented_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +135,7 @@ impl Store {
             db,
             failed: AtomicBool::new(false),
             workspace_lock: Mutex::new(()),
+            references: std::sync::RwLock::new(()),
         };
         store.init()?;
         Ok(store)
@@ -128,6 +144,15 @@ impl Store {
     fn init(&self) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
+            // The schema is checked before any table is opened with this
+            // build's types.
+            let found = txn
+                .open_table(META)?
+                .get("schema")?
+                .map(|v| u32_from(v.value()));
+            if let Some(found) = found.filter(|v| *v != SCHEMA_VERSION) {
+                return Err(StoreError::Schema { found });
+            }
             txn.open_table(CHUNK_DATA)?;
             txn.open_table(CHUNK_INFO)?;
             txn.open_table(WORKSPACES)?;
@@ -135,24 +160,23 @@ impl Store {
             txn.open_table(SEQUENCES)?;
             txn.open_table(CHECKPOINTS)?;
             let mut meta = txn.open_table(META)?;
-            let found = meta.get("schema")?.map(|v| u32_from(v.value()));
-            match found {
-                Some(v) if v > SCHEMA_VERSION => return Err(StoreError::Schema { found: v }),
-                Some(_) => {}
-                None => {
-                    meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice())?;
-                }
+            if found.is_none() {
+                meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice())?;
             }
         }
         self.commit(txn)
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        self.begin_write_with(Durability::Immediate)
+    }
+
+    fn begin_write_with(&self, durability: Durability) -> Result<redb::WriteTransaction> {
         if self.failed.load(Ordering::Acquire) {
             return Err(StoreError::Failed);
         }
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
+        txn.set_durability(durability)
             .map_err(|e| StoreError::Record(e.to_string()))?;
         Ok(txn)
     }
@@ -315,10 +339,22 @@ impl Store {
         let mut stats = StoreStats::default();
         for row in table.iter()? {
             let (_, v) = row?;
-            let (stored, raw) = v.value();
+            let (_, stored, raw) = v.value();
             stats.chunks += 1;
             stats.stored_bytes += u64::from(stored);
             stats.raw_bytes += u64::from(raw);
+        }
+        drop(table);
+        drop(txn);
+        // redb reports its page accounting from a write transaction; this
+        // one changes nothing and is aborted.
+        if let Ok(txn) = self.begin_write() {
+            if let Ok(db) = txn.stats() {
+                stats.database_stored_bytes = db.stored_bytes();
+                stats.database_metadata_bytes = db.metadata_bytes();
+                stats.database_fragmented_bytes = db.fragmented_bytes();
+            }
+            let _ = txn.abort();
         }
         Ok(stats)
     }
@@ -326,11 +362,29 @@ impl Store {
     /// Deletes a chunk found corrupt, so the next scan of a file that still
     /// has this content stores it again.
     pub fn drop_chunk(&self, hash: &ChunkHash) -> Result<()> {
+        let _exclusive = self.references.write().unwrap_or_else(|e| e.into_inner());
         let txn = self.begin_write()?;
         {
-            txn.open_table(CHUNK_DATA)?.remove(hash.0)?;
-            txn.open_table(CHUNK_INFO)?.remove(hash.0)?;
+            if let Some(info) = txn.open_table(CHUNK_INFO)?.remove(hash.0)? {
+                txn.open_table(CHUNK_DATA)?.remove(info.value().0)?;
+            }
         }
+        self.commit(txn)
+    }
+
+    /// Keeps chunks from being deleted while the caller decides to reuse
+    /// existing ones and commits references to them. Not reentrant: hold one
+    /// at a time per thread.
+    pub fn reference_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.references.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits chunks ahead of the entry that will reference them (a large
+    /// file's chunks, so they need not all be held in memory). Only safe
+    /// under a [`Store::reference_guard`] held until that entry commits.
+    pub fn commit_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
+        let txn = self.begin_write_with(Durability::None)?;
+        insert_chunks(&txn, chunks)?;
         self.commit(txn)
     }
 
@@ -372,21 +426,26 @@ impl Store {
     /// Commits one batch of scan results atomically: new chunks, index
     /// entries (with fresh sequence numbers already assigned by the caller)
     /// and the workspace's next sequence number.
-    pub fn commit_batch(&self, workspace: u32, batch: &Batch, next_sequence: u64) -> Result<()> {
+    /// A non-`durable` commit is made durable by the next durable one (or
+    /// lost in a crash before it).
+    pub fn commit_batch(
+        &self,
+        workspace: u32,
+        batch: &Batch,
+        next_sequence: u64,
+        durable: bool,
+    ) -> Result<()> {
         let _guard = self
             .workspace_lock
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let txn = self.begin_write()?;
+        let txn = self.begin_write_with(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         {
-            let mut data = txn.open_table(CHUNK_DATA)?;
-            let mut info = txn.open_table(CHUNK_INFO)?;
-            for chunk in &batch.chunks {
-                if info.get(chunk.hash.0)?.is_none() {
-                    data.insert(chunk.hash.0, chunk.stored.as_slice())?;
-                    info.insert(chunk.hash.0, (chunk.stored.len() as u32, chunk.raw_len))?;
-                }
-            }
+            insert_chunks(&txn, &batch.chunks)?;
             let mut files = txn.open_table(FILES)?;
             let mut sequences = txn.open_table(SEQUENCES)?;
             for file in &batch.upserts {
@@ -458,14 +517,7 @@ impl Store {
         let txn = self.begin_write()?;
         let record;
         {
-            let mut data = txn.open_table(CHUNK_DATA)?;
-            let mut info = txn.open_table(CHUNK_INFO)?;
-            for chunk in chunks {
-                if info.get(chunk.hash.0)?.is_none() {
-                    data.insert(chunk.hash.0, chunk.stored.as_slice())?;
-                    info.insert(chunk.hash.0, (chunk.stored.len() as u32, chunk.raw_len))?;
-                }
-            }
+            insert_chunks(&txn, chunks)?;
             let mut table = txn.open_table(CHECKPOINTS)?;
             let next = table
                 .range((workspace, 0)..(workspace + 1, 0))?
@@ -506,7 +558,7 @@ impl Store {
         let mut report = VerifyReport::default();
         let reader = self.reader()?;
         let mut seen = HashSet::new();
-        self.for_each_reference(&reader, |hash, len, owner| {
+        let broken = self.for_each_reference(&reader, |hash, len, owner| {
             if !seen.insert(hash) {
                 return;
             }
@@ -517,12 +569,19 @@ impl Store {
                 Err(e) => report.corrupt.push((hash, format!("{owner}: {e}"))),
             }
         })?;
+        for (id, error) in broken {
+            report.corrupt.push((
+                ChunkHash::of(b""),
+                format!("the manifest of checkpoint {id} is unreadable: {error}"),
+            ));
+        }
         Ok(report)
     }
 
     /// Deletes every chunk that no index entry and no checkpoint references.
     /// Returns (chunks removed, stored bytes freed).
     pub fn collect_garbage(&self) -> Result<(u64, u64)> {
+        let _exclusive = self.references.write().unwrap_or_else(|e| e.into_inner());
         let _guard = self
             .workspace_lock
             .lock()
@@ -532,10 +591,17 @@ impl Store {
         // new references between the two.
         let reader = self.reader()?;
         let mut live = HashSet::new();
-        self.for_each_reference(&reader, |hash, _, _| {
+        let broken = self.for_each_reference(&reader, |hash, _, _| {
             live.insert(hash);
         })?;
         drop(reader);
+        if let Some((id, error)) = broken.first() {
+            // What an unreadable manifest references is unknown: sweeping
+            // now could delete it.
+            return Err(StoreError::Record(format!(
+                "garbage collection skipped: the manifest of checkpoint {id} is unreadable ({error})"
+            )));
+        }
         let txn = self.begin_write()?;
         let (mut removed, mut freed) = (0, 0);
         {
@@ -545,12 +611,13 @@ impl Store {
             for row in info.iter()? {
                 let (k, v) = row?;
                 if !live.contains(&ChunkHash(k.value())) {
-                    dead.push((k.value(), v.value().0));
+                    let (number, stored, _) = v.value();
+                    dead.push((k.value(), number, stored));
                 }
             }
-            for (hash, stored) in dead {
+            for (hash, number, stored) in dead {
                 info.remove(hash)?;
-                data.remove(hash)?;
+                data.remove(number)?;
                 removed += 1;
                 freed += u64::from(stored);
             }
@@ -559,12 +626,14 @@ impl Store {
         Ok((removed, freed))
     }
 
-    /// Calls `f(hash, raw length, owner)` for every chunk reference.
+    /// Calls `f(hash, raw length, owner)` for every chunk reference, and
+    /// returns the checkpoints whose manifest could not be read.
     fn for_each_reference(
         &self,
         reader: &ChunkReader,
         mut f: impl FnMut(ChunkHash, u32, &str),
-    ) -> Result<()> {
+    ) -> Result<Vec<(CheckpointId, String)>> {
+        let mut broken = Vec::new();
         let txn = self.db.begin_read()?;
         let files = txn.open_table(FILES)?;
         for row in files.iter()? {
@@ -589,17 +658,18 @@ impl Store {
             if !manifests_seen.insert(record.manifest_hash) {
                 continue;
             }
-            // An unreadable manifest is reported by `verify` through its
-            // chunks above; its entries cannot be listed, so stop here
-            // rather than let GC delete what they reference.
-            let entries = load_manifest(reader, &record)?;
-            for entry in &entries {
-                for chunk in &entry.chunks {
-                    f(chunk.hash, chunk.len, &owner);
+            match load_manifest(reader, &record) {
+                Ok(entries) => {
+                    for entry in &entries {
+                        for chunk in &entry.chunks {
+                            f(chunk.hash, chunk.len, &owner);
+                        }
+                    }
                 }
+                Err(e) => broken.push((record.id, e.to_string())),
             }
         }
-        Ok(())
+        Ok(broken)
     }
 
     /// Runs redb's own consistency check (needs exclusive access).
@@ -607,6 +677,27 @@ impl Store {
         let mut db = Database::create(path)?;
         Ok(db.check_integrity()?)
     }
+}
+
+/// Writes the chunks the store lacks, numbering them in ascending order.
+fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Result<()> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let mut data = txn.open_table(CHUNK_DATA)?;
+    let mut info = txn.open_table(CHUNK_INFO)?;
+    let mut next = data.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+    for chunk in chunks {
+        if info.get(chunk.hash.0)?.is_none() {
+            data.insert(next, chunk.stored.as_slice())?;
+            info.insert(
+                chunk.hash.0,
+                (next, chunk.stored.len() as u32, chunk.raw_len),
+            )?;
+            next += 1;
+        }
+    }
+    Ok(())
 }
 
 fn decode_range<K: redb::Key + 'static>(
@@ -621,8 +712,8 @@ fn decode_range<K: redb::Key + 'static>(
 }
 
 pub struct ChunkReader {
-    info: redb::ReadOnlyTable<[u8; 32], (u32, u32)>,
-    data: redb::ReadOnlyTable<[u8; 32], &'static [u8]>,
+    info: redb::ReadOnlyTable<[u8; 32], (u64, u32, u32)>,
+    data: redb::ReadOnlyTable<u64, &'static [u8]>,
 }
 
 impl ChunkReader {
@@ -631,9 +722,15 @@ impl ChunkReader {
     }
 
     pub fn read(&self, hash: &ChunkHash, len: u32) -> Result<Vec<u8>> {
+        let number = self
+            .info
+            .get(hash.0)?
+            .ok_or(StoreError::MissingChunk(*hash))?
+            .value()
+            .0;
         let stored = self
             .data
-            .get(hash.0)?
+            .get(number)?
             .ok_or(StoreError::MissingChunk(*hash))?;
         decode_chunk(hash, len, stored.value())
     }

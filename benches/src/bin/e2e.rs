@@ -1,0 +1,234 @@
+//! End-to-end benchmark of one device against the real `mariesync` binary:
+//! cold scan of a large generated workspace, rescans, flush, RSS, store size
+//! and checkpoint time.
+//!
+//! ```sh
+//! cargo build --release --bin mariesync
+//! cargo run --release -p mariesync-benches --bin e2e -- --files 100000 --bytes 1GiB
+//! ```
+//! Options: `--workdir DIR` (default /var/tmp/mariesync-bench; the workspace
+//! is generated once per (files, bytes) and reused), `--bin PATH` (default:
+//! the `mariesync` next to this binary), `--drop-caches` (root: measure the
+//! cold scan with an empty page cache too).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mariesync_benches::workspace_gen::{self, Spec};
+use mariesync_ffi::{Client, HomePaths};
+use serde_json::{Value, json};
+
+struct Daemon {
+    child: Child,
+    paths: HomePaths,
+}
+
+impl Daemon {
+    fn start(bin: &Path, home: &Path) -> anyhow::Result<Daemon> {
+        let child = Command::new(bin)
+            .args(["daemon", "--home"])
+            .arg(home)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the daemon")?;
+        let paths = HomePaths::in_dir(home);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::connect(&paths).is_err() {
+            if Instant::now() > deadline {
+                bail!("the daemon did not start");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Daemon { child, paths })
+    }
+
+    fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
+        Ok(Client::connect(&self.paths)?.call(method, params)?)
+    }
+
+    fn timed(&self, method: &str, params: Value) -> anyhow::Result<Duration> {
+        let mut client = Client::connect(&self.paths)?;
+        let started = Instant::now();
+        client.call(method, params)?;
+        Ok(started.elapsed())
+    }
+
+    /// (current RSS, peak RSS) in MiB, from /proc.
+    fn rss_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|kib| kib / 1024.0)
+                .unwrap_or(0.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields
+            .get(11..13)
+            .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+            .unwrap_or(0.0);
+        ticks / CLOCK_TICKS_PER_SECOND
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.call("shutdown", json!({}));
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// USER_HZ, which Linux fixes at 100 for /proc.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+fn du_bytes(path: &Path) -> u64 {
+    let output = Command::new("du").arg("-sb").arg(path).output();
+    output
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let files: usize = flag("--files")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(100_000);
+    let bytes = flag("--bytes")
+        .and_then(|v| workspace_gen::parse_bytes(&v))
+        .unwrap_or(1 << 30);
+    let workdir =
+        PathBuf::from(flag("--workdir").unwrap_or_else(|| "/var/tmp/mariesync-bench".into()));
+    let bin = match flag("--bin") {
+        Some(bin) => PathBuf::from(bin),
+        None => std::env::current_exe()?.with_file_name("mariesync"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bin mariesync` or pass --bin",
+            bin.display()
+        );
+    }
+    let drop_caches = args.iter().any(|a| a == "--drop-caches");
+
+    let tree = workdir.join(format!("ws-{files}-{bytes}"));
+    if !tree.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&tree);
+        eprintln!(
+            "generating {files} files, {:.0} MiB under {} ...",
+            mib(bytes),
+            tree.display()
+        );
+        let started = Instant::now();
+        workspace_gen::generate(
+            &tree,
+            &Spec {
+                files,
+                text_bytes: bytes,
+                binaries: 0,
+                binary_bytes: 0,
+                seed: 42,
+            },
+            4,
+        )?;
+        std::fs::write(tree.join(".complete"), b"")?;
+        eprintln!("generated in {:.1?}", started.elapsed());
+    }
+    let tree_bytes = du_bytes(&tree);
+    let home = workdir.join("home");
+    let _ = std::fs::remove_dir_all(&home);
+    let _ = Command::new("sync").status();
+    if drop_caches {
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("--drop-caches needs root")?;
+    }
+
+    let daemon = Daemon::start(&bin, &home)?;
+    let started = Instant::now();
+    let added = daemon.call("workspace.add", json!({"path": tree, "name": "bench"}))?;
+    let ws = added["workspace_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    daemon.call("flush", json!({"workspace": ws}))?;
+    let cold_scan = started.elapsed();
+    let cpu_cold = daemon.cpu_seconds();
+    let (_, peak_cold) = daemon.rss_mib();
+
+    let rescan = daemon.timed("workspace.rescan", json!({"workspace": ws}))?;
+    let rescan2 = daemon.timed("workspace.rescan", json!({"workspace": ws}))?;
+    let flush = daemon.timed("flush", json!({"workspace": ws}))?;
+    let first_checkpoint = daemon.timed("checkpoint.create", json!({"workspace": ws}))?;
+    let unchanged_checkpoint = daemon.timed("checkpoint.create", json!({"workspace": ws}))?;
+    let status = daemon.call("status", json!({}))?;
+    let indexed_files = status["workspaces"][0]["files"].as_u64().unwrap_or(0);
+    let (rss_idle, peak) = daemon.rss_mib();
+    let stats = daemon.call("store.stats", json!({}))?;
+    let database_bytes = stats["database_bytes"].as_u64().unwrap_or(0);
+
+    // One file edited: flush until it is indexed.
+    let edited = tree.join("src/edited-by-bench.rs");
+    std::fs::write(&edited, format!("// {:?}\n", Instant::now()))?;
+    let edit_flush = daemon.timed("flush", json!({"workspace": ws}))?;
+    std::fs::remove_file(&edited)?;
+    daemon.call("flush", json!({"workspace": ws}))?;
+    daemon.stop()?;
+
+    let result = json!({
+        "files": indexed_files,
+        "workspace_bytes": tree_bytes,
+        "cold_scan_s": cold_scan.as_secs_f64(),
+        "cold_scan_mib_per_s": mib(tree_bytes) / cold_scan.as_secs_f64(),
+        "cold_scan_cpu_s": cpu_cold,
+        "rescan_unchanged_s": [rescan.as_secs_f64(), rescan2.as_secs_f64()],
+        "flush_unchanged_ms": flush.as_secs_f64() * 1000.0,
+        "flush_one_edit_ms": edit_flush.as_secs_f64() * 1000.0,
+        "checkpoint_first_ms": first_checkpoint.as_secs_f64() * 1000.0,
+        "checkpoint_unchanged_ms": unchanged_checkpoint.as_secs_f64() * 1000.0,
+        "rss_idle_mib": rss_idle,
+        "rss_peak_mib": peak,
+        "rss_peak_cold_scan_mib": peak_cold,
+        "stored_bytes": stats["stored_bytes"],
+        "database_bytes": database_bytes,
+        "database_breakdown": {
+            "stored": stats["database_stored_bytes"],
+            "metadata": stats["database_metadata_bytes"],
+            "fragmented": stats["database_fragmented_bytes"],
+        },
+        "store_percent_of_workspace": 100.0 * database_bytes as f64 / tree_bytes.max(1) as f64,
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
