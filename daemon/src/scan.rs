@@ -148,24 +148,23 @@ impl Scanner<'_> {
         let _references = self.store.reference_guard();
         let (seen, unreadable) = self.walk(scope, &mut report.skipped);
 
-        let mut indexed: HashMap<String, IndexedFile> = HashMap::new();
-        match scope {
-            Scope::Full => {
-                for file in self.store.files(self.workspace, None)? {
-                    indexed.insert(file.entry.path.as_str().to_owned(), file);
-                }
-            }
+        // The index in scope, in path order: the same byte order as `seen`,
+        // so the two are compared by a merge, without hashing 100k paths.
+        let indexed: Vec<IndexedFile> = match scope {
+            Scope::Full => self.store.files(self.workspace, None)?,
             Scope::Paths(paths) => {
+                let mut files = Vec::new();
                 for path in paths {
-                    for file in self.store.files(self.workspace, Some(path))? {
-                        indexed.insert(file.entry.path.as_str().to_owned(), file);
-                    }
+                    files.extend(self.store.files(self.workspace, Some(path))?);
                 }
+                files.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+                files.dedup_by(|a, b| a.entry.path == b.entry.path);
+                files
             }
-        }
+        };
         // An emptied root (an unmounted disk, a wrong path) must not become
         // a mass deletion, whether a full scan or a watcher batch sees it.
-        let live_before = indexed.values().filter(|f| !f.entry.deleted).count();
+        let live_before = indexed.iter().filter(|f| !f.entry.deleted).count();
         if live_before > 0 && !self.allow_empty && root_is_empty(self.root) {
             return Err(ScanError::Emptied(live_before));
         }
@@ -179,11 +178,25 @@ impl Scanner<'_> {
             .map(|r| r.next_sequence)
             .ok_or_else(|| StoreError::Record("workspace vanished".into()))?;
         let mut batch = Batch::default();
-        let mut to_hash = Vec::new();
-        let seen_paths: HashSet<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+        let mut to_hash: Vec<(&Seen, Option<&IndexedFile>)> = Vec::new();
+        // Live entries the walk did not see.
+        let mut gone: Vec<&IndexedFile> = Vec::new();
+        let mut cursor = 0;
 
         for item in &seen {
-            let old = indexed.get(item.path.as_str());
+            while cursor < indexed.len() && indexed[cursor].entry.path < item.path {
+                if !indexed[cursor].entry.deleted {
+                    gone.push(&indexed[cursor]);
+                }
+                cursor += 1;
+            }
+            let old = match indexed.get(cursor) {
+                Some(file) if file.entry.path == item.path => {
+                    cursor += 1;
+                    Some(file)
+                }
+                _ => None,
+            };
             match item.kind {
                 FileKind::File => {
                     let unchanged = old.is_some_and(|o| {
@@ -192,7 +205,7 @@ impl Scanner<'_> {
                             && o.stat == Some(item.stat)
                     });
                     if !unchanged {
-                        to_hash.push(item);
+                        to_hash.push((item, old));
                     }
                 }
                 FileKind::Directory => {
@@ -248,12 +261,8 @@ impl Scanner<'_> {
             }
         }
 
+        gone.extend(indexed[cursor..].iter().filter(|f| !f.entry.deleted));
         // Deletions: indexed, live, in scope, and not seen by the walk.
-        let mut gone: Vec<&IndexedFile> = indexed
-            .values()
-            .filter(|f| !f.entry.deleted && !seen_paths.contains(f.entry.path.as_str()))
-            .collect();
-        gone.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
         for old in gone {
             // Under a directory the walk could not read: unknown, not gone.
             if unreadable.iter().any(|dir| old.entry.path.starts_with(dir)) {
@@ -293,7 +302,7 @@ impl Scanner<'_> {
         // are not durable; the last one is, which makes them all so. A
         // crash before it loses nothing that was acknowledged: the next
         // scan finds the same changes again.
-        let total_bytes: u64 = to_hash.iter().map(|s| s.stat.size).sum();
+        let total_bytes: u64 = to_hash.iter().map(|(s, _)| s.stat.size).sum();
         self.progress
             .files_to_hash
             .store(to_hash.len() as u64, Ordering::Relaxed);
@@ -309,14 +318,7 @@ impl Scanner<'_> {
                 }
                 Ok(())
             });
-            let hashed = self.hash_all(
-                &to_hash,
-                &indexed,
-                &mut report,
-                batch,
-                &mut next_sequence,
-                &sender,
-            );
+            let hashed = self.hash_all(&to_hash, &mut report, batch, &mut next_sequence, &sender);
             drop(sender);
             let committed = committer.join().expect("the committer thread panicked");
             let sent = hashed?;
@@ -335,8 +337,7 @@ impl Scanner<'_> {
     /// committer.
     fn hash_all(
         &self,
-        to_hash: &[&Seen],
-        indexed: &HashMap<String, IndexedFile>,
+        to_hash: &[(&Seen, Option<&IndexedFile>)],
         report: &mut ScanReport,
         mut batch: Batch,
         next_sequence: &mut u64,
@@ -353,26 +354,25 @@ impl Scanner<'_> {
             let mut bytes = 0;
             while end < to_hash.len() && end - start < BATCH_ENTRIES_MAX && bytes < BATCH_BYTES_MAX
             {
-                bytes += to_hash[end].stat.size;
+                bytes += to_hash[end].0.stat.size;
                 end += 1;
             }
             let reader = self.store.reader()?;
             let results: Vec<_> = to_hash[start..end]
                 .par_iter()
-                .map(|item| {
+                .map(|&(item, old)| {
                     let spill = |chunks: &[EncodedChunk]| self.store.commit_chunks(chunks);
                     let result = ingest_file(&self.root.join(item.path.as_str()), &reader, &spill);
                     self.progress.files_hashed.fetch_add(1, Ordering::Relaxed);
                     self.progress
                         .bytes_hashed
                         .fetch_add(item.stat.size, Ordering::Relaxed);
-                    (*item, result)
+                    (item, old, result)
                 })
                 .collect();
             drop(reader);
             let mut new_chunks: HashSet<ChunkHash> = HashSet::new();
-            for (item, result) in results {
-                let old = indexed.get(item.path.as_str());
+            for (item, old, result) in results {
                 match result {
                     Ok(ingested) => {
                         report.hashed_files += 1;

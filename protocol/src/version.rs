@@ -2,7 +2,6 @@
 //! "newer" from "concurrent".
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +20,10 @@ impl DeviceKey {
     }
 }
 
+/// Counters per device, sorted by device. A sorted vector, not a map: an
+/// index holds one per path, and most have one or two devices.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
-pub struct VersionVector(BTreeMap<DeviceKey, u64>);
+pub struct VersionVector(Vec<(DeviceKey, u64)>);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum VersionOrder {
@@ -39,27 +40,38 @@ impl VersionVector {
     }
 
     pub fn get(&self, device: DeviceKey) -> u64 {
-        self.0.get(&device).copied().unwrap_or(0)
+        match self.0.binary_search_by_key(&device, |(d, _)| *d) {
+            Ok(i) => self.0[i].1,
+            Err(_) => 0,
+        }
+    }
+
+    fn set(&mut self, device: DeviceKey, counter: u64) {
+        match self.0.binary_search_by_key(&device, |(d, _)| *d) {
+            Ok(i) => self.0[i].1 = counter,
+            Err(i) => self.0.insert(i, (device, counter)),
+        }
     }
 
     /// Records a new change by `device`: its counter moves past every counter
     /// in the vector, so the result dominates what it replaces.
     pub fn bump(&mut self, device: DeviceKey) {
-        let top = self.0.values().copied().max().unwrap_or(0);
-        self.0.insert(device, top + 1);
+        let top = self.0.iter().map(|(_, c)| *c).max().unwrap_or(0);
+        self.set(device, top + 1);
     }
 
     pub fn merge(&mut self, other: &VersionVector) {
-        for (&device, &counter) in &other.0 {
-            let entry = self.0.entry(device).or_insert(0);
-            *entry = (*entry).max(counter);
+        for &(device, counter) in &other.0 {
+            if counter > self.get(device) {
+                self.set(device, counter);
+            }
         }
     }
 
     pub fn compare(&self, other: &VersionVector) -> VersionOrder {
         let mut greater = false;
         let mut less = false;
-        for device in self.0.keys().chain(other.0.keys()) {
+        for (device, _) in self.0.iter().chain(other.0.iter()) {
             match self.get(*device).cmp(&other.get(*device)) {
                 Ordering::Greater => greater = true,
                 Ordering::Less => less = true,
@@ -75,7 +87,7 @@ impl VersionVector {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (DeviceKey, u64)> + '_ {
-        self.0.iter().map(|(k, v)| (*k, *v))
+        self.0.iter().copied()
     }
 }
 
@@ -111,6 +123,7 @@ mod tests {
                                     b in prop::collection::btree_map(0u64..4, 0u64..5, 0..4)) {
             let va = VersionVector(a.into_iter().map(|(k, v)| (DeviceKey(k), v)).filter(|(_, v)| *v > 0).collect());
             let vb = VersionVector(b.into_iter().map(|(k, v)| (DeviceKey(k), v)).filter(|(_, v)| *v > 0).collect());
+            prop_assert!(va.0.windows(2).all(|w| w[0].0 < w[1].0));
             let expected = match va.compare(&vb) {
                 VersionOrder::Newer => VersionOrder::Older,
                 VersionOrder::Older => VersionOrder::Newer,

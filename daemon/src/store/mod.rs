@@ -39,7 +39,8 @@ pub use records::{
 const CHUNK_DATA: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunk_packs");
 /// chunk hash -> (pack, offset in pack, stored bytes, raw bytes). Small, so
 /// lookups, GC and stats never read chunk data.
-const CHUNK_INFO: TableDefinition<[u8; 32], (u64, u32, u32, u32)> = TableDefinition::new("chunk_index");
+const CHUNK_INFO: TableDefinition<[u8; 32], (u64, u32, u32, u32)> =
+    TableDefinition::new("chunk_index");
 
 /// A part plus its key and leaf header fits one 64 KiB redb page (measured:
 /// 65,536 - 16 spills into a 128 KiB page, 65,536 - 32 does not).
@@ -615,7 +616,8 @@ impl Store {
             let mut info = txn.open_table(CHUNK_INFO)?;
             let mut data = txn.open_table(CHUNK_DATA)?;
             // Per pack: its size, and its live chunks.
-            let mut packs: std::collections::BTreeMap<u64, (u64, Vec<([u8; 32], u32, u32, u32)>)> = Default::default();
+            let mut packs: std::collections::BTreeMap<u64, (u64, Vec<([u8; 32], u32, u32, u32)>)> =
+                Default::default();
             for row in data.iter()? {
                 let (k, v) = row?;
                 packs.entry(k.value().0).or_default().0 += v.value().len() as u64;
@@ -625,7 +627,11 @@ impl Store {
                 let (k, v) = row?;
                 let (pack, offset, stored, raw) = v.value();
                 if live.contains(&ChunkHash(k.value())) {
-                    packs.entry(pack).or_default().1.push((k.value(), offset, stored, raw));
+                    packs
+                        .entry(pack)
+                        .or_default()
+                        .1
+                        .push((k.value(), offset, stored, raw));
                 } else {
                     dead.push(k.value());
                 }
@@ -643,7 +649,11 @@ impl Store {
                 if (live_bytes as f64) < PACK_LIVE_RATIO_MIN * *size as f64 {
                     for &(hash, offset, stored, raw) in chunks {
                         let bytes = read_packed(&data, *pack, offset, stored)?;
-                        moved.push(EncodedChunk { hash: ChunkHash(hash), raw_len: raw, stored: bytes });
+                        moved.push(EncodedChunk {
+                            hash: ChunkHash(hash),
+                            raw_len: raw,
+                            stored: bytes,
+                        });
                     }
                     emptied.push((*pack, *size - live_bytes));
                 }
@@ -731,7 +741,10 @@ fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Resul
         }
         let offset = bytes.len() as u32;
         bytes.extend_from_slice(&chunk.stored);
-        info.insert(chunk.hash.0, (pack, offset, chunk.stored.len() as u32, chunk.raw_len))?;
+        info.insert(
+            chunk.hash.0,
+            (pack, offset, chunk.stored.len() as u32, chunk.raw_len),
+        )?;
     }
     for (part, piece) in bytes.chunks(PART_BYTES).enumerate() {
         data.insert((pack, part as u32), piece)?;
@@ -750,19 +763,25 @@ fn read_packed(
     let mut out = Vec::with_capacity(stored as usize);
     for part in start / PART_BYTES..end.div_ceil(PART_BYTES) {
         let Some(piece) = data.get((pack, part as u32))? else {
-            return Err(StoreError::Record(format!("part {part} of pack {pack} is missing")));
+            return Err(StoreError::Record(format!(
+                "part {part} of pack {pack} is missing"
+            )));
         };
         let piece = piece.value();
         let part_start = part * PART_BYTES;
         let from = start.max(part_start) - part_start;
         let to = (end.min(part_start + piece.len())).saturating_sub(part_start);
         if from > to {
-            return Err(StoreError::Record(format!("pack {pack} is shorter than its index says")));
+            return Err(StoreError::Record(format!(
+                "pack {pack} is shorter than its index says"
+            )));
         }
         out.extend_from_slice(&piece[from..to]);
     }
     if out.len() != stored as usize {
-        return Err(StoreError::Record(format!("pack {pack} is shorter than its index says")));
+        return Err(StoreError::Record(format!(
+            "pack {pack} is shorter than its index says"
+        )));
     }
     Ok(out)
 }
@@ -794,9 +813,11 @@ impl ChunkReader {
             .get(hash.0)?
             .ok_or(StoreError::MissingChunk(*hash))?
             .value();
-        let bytes = read_packed(&self.data, pack, offset, stored).map_err(|e| StoreError::CorruptChunk {
-            hash: *hash,
-            reason: e.to_string(),
+        let bytes = read_packed(&self.data, pack, offset, stored).map_err(|e| {
+            StoreError::CorruptChunk {
+                hash: *hash,
+                reason: e.to_string(),
+            }
         })?;
         decode_chunk(hash, len, &bytes)
     }
@@ -854,7 +875,10 @@ mod tests {
             mtime_ns: 0,
             executable: false,
             content_hash: hash,
-            chunks: vec![ChunkRef { hash, len: data.len() as u32 }],
+            chunks: vec![ChunkRef {
+                hash,
+                len: data.len() as u32,
+            }],
             symlink_target: None,
             deleted,
             version: VersionVector::new(),
@@ -878,7 +902,13 @@ mod tests {
             })
             .unwrap();
         // Ten 100 KB chunks in one pack, spanning parts.
-        let contents: Vec<Vec<u8>> = (0..10u8).map(|i| (0..100_000u32).map(|j| (j.wrapping_mul(2654435761) >> (i % 7)) as u8 ^ i).collect()).collect();
+        let contents: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| {
+                (0..100_000u32)
+                    .map(|j| (j.wrapping_mul(2654435761) >> (i % 7)) as u8 ^ i)
+                    .collect()
+            })
+            .collect();
         let mut batch = Batch::default();
         for (i, data) in contents.iter().enumerate() {
             let (entry, chunk) = file(&format!("f{i}"), data, false);
@@ -903,10 +933,18 @@ mod tests {
         assert_eq!(freed, before.stored_bytes - after.stored_bytes);
         let reader = store.reader().unwrap();
         for data in &contents[..2] {
-            assert_eq!(&reader.read(&ChunkHash::of(data), data.len() as u32).unwrap(), data);
+            assert_eq!(
+                &reader
+                    .read(&ChunkHash::of(data), data.len() as u32)
+                    .unwrap(),
+                data
+            );
         }
         for data in &contents[2..] {
-            assert!(matches!(reader.read(&ChunkHash::of(data), data.len() as u32), Err(StoreError::MissingChunk(_))));
+            assert!(matches!(
+                reader.read(&ChunkHash::of(data), data.len() as u32),
+                Err(StoreError::MissingChunk(_))
+            ));
         }
         assert!(store.verify().unwrap().corrupt.is_empty());
     }
