@@ -42,6 +42,10 @@ const CHUNK_DATA: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chu
 const CHUNK_INFO: TableDefinition<[u8; 32], (u64, u32, u32, u32)> =
     TableDefinition::new("chunk_index");
 
+/// A pack's size and its live chunks (hash, offset, stored bytes, raw bytes),
+/// as GC sees them.
+type PackUse = (u64, Vec<([u8; 32], u32, u32, u32)>);
+
 /// A part plus its key and leaf header fits one 64 KiB redb page (measured:
 /// 65,536 - 16 spills into a 128 KiB page, 65,536 - 32 does not).
 const PART_BYTES: usize = 64 * 1024 - 64;
@@ -616,8 +620,7 @@ impl Store {
             let mut info = txn.open_table(CHUNK_INFO)?;
             let mut data = txn.open_table(CHUNK_DATA)?;
             // Per pack: its size, and its live chunks.
-            let mut packs: std::collections::BTreeMap<u64, (u64, Vec<([u8; 32], u32, u32, u32)>)> =
-                Default::default();
+            let mut packs: std::collections::BTreeMap<u64, PackUse> = Default::default();
             for row in data.iter()? {
                 let (k, v) = row?;
                 packs.entry(k.value().0).or_default().0 += v.value().len() as u64;
