@@ -98,6 +98,57 @@ impl Daemon {
 /// USER_HZ, which Linux fixes at 100 for /proc.
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
+/// Time from a file's save to its `local_change` event: by the watcher
+/// alone, and with the IDE's `touched` hint (which answers once indexed).
+fn save_latencies(
+    daemon: &Daemon,
+    tree: &Path,
+    ws: &str,
+    edits: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let mut events = Client::connect(&daemon.paths)?;
+    events.call("events.subscribe", json!({}))?;
+    let mut watcher = Vec::new();
+    let mut touched = Vec::new();
+    for i in 0..edits {
+        let relative = format!("src/latency-{i}.rs");
+        let path = tree.join(&relative);
+        let started = Instant::now();
+        std::fs::write(&path, format!("// edit {i}\n"))?;
+        loop {
+            let event = events.next_notification()?.params;
+            if event["kind"] == "local_change" && event["path"] == relative.as_str() {
+                break;
+            }
+        }
+        watcher.push(started.elapsed().as_secs_f64() * 1000.0);
+
+        let mut client = Client::connect(&daemon.paths)?;
+        let started = Instant::now();
+        std::fs::write(&path, format!("// edit {i} again\n"))?;
+        client.call(
+            "workspace.touched",
+            json!({"workspace": ws, "paths": [path]}),
+        )?;
+        touched.push(started.elapsed().as_secs_f64() * 1000.0);
+        std::fs::remove_file(&path)?;
+        daemon.call("flush", json!({"workspace": ws}))?;
+    }
+    Ok((watcher, touched))
+}
+
+fn percentiles(samples: &[f64]) -> Value {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    json!({"p50": at(0.5), "p99": at(0.99), "max": at(1.0), "samples": sorted.len()})
+}
+
 fn du_bytes(path: &Path) -> u64 {
     let output = Command::new("du").arg("-sb").arg(path).output();
     output
@@ -205,6 +256,8 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(0)
     };
 
+    let (watcher_ms, touched_ms) = save_latencies(&daemon, &tree, &ws, 30)?;
+
     // One file edited: flush until it is indexed.
     let edited = tree.join("src/edited-by-bench.rs");
     std::fs::write(&edited, format!("// {:?}\n", Instant::now()))?;
@@ -224,6 +277,8 @@ fn main() -> anyhow::Result<()> {
         "flush_one_edit_ms": edit_flush.as_secs_f64() * 1000.0,
         "checkpoint_first_ms": first_checkpoint.as_secs_f64() * 1000.0,
         "checkpoint_unchanged_ms": unchanged_checkpoint.as_secs_f64() * 1000.0,
+        "save_to_indexed_watcher_ms": percentiles(&watcher_ms),
+        "save_to_indexed_touched_ms": percentiles(&touched_ms),
         "rss_idle_mib": rss_idle,
         "rss_peak_mib": peak,
         "rss_peak_cold_scan_mib": peak_cold,
