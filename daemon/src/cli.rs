@@ -43,6 +43,9 @@ enum Command {
     /// Add, list and remove workspaces.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
+    /// Trust, list and forget other devices.
+    #[command(subcommand)]
+    Peer(PeerCommand),
     /// Tell the daemon these files were just saved.
     Touched {
         workspace: String,
@@ -117,6 +120,24 @@ enum WorkspaceCommand {
         workspace: String,
         #[arg(long)]
         prefix: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Trust a device: it may connect and sync.
+    Add {
+        device_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to reach it (repeatable); without, LAN discovery finds it.
+        #[arg(long = "addr")]
+        addrs: Vec<String>,
+    },
+    List,
+    /// Stop trusting a device; its connections close.
+    Remove {
+        device_id: String,
     },
 }
 
@@ -225,6 +246,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 method::WORKSPACE_ADD,
                 json!({"path": path, "name": name, "id": id}),
             )
+        }
+        Command::Peer(PeerCommand::Add {
+            device_id,
+            name,
+            addrs,
+        }) => (
+            method::PEER_ADD,
+            json!({"device_id": device_id, "name": name, "addrs": addrs}),
+        ),
+        Command::Peer(PeerCommand::List) => (method::PEER_LIST, json!({})),
+        Command::Peer(PeerCommand::Remove { device_id }) => {
+            (method::PEER_REMOVE, json!({"device_id": device_id}))
         }
         Command::Workspace(WorkspaceCommand::List) => (method::WORKSPACE_LIST, json!({})),
         Command::Workspace(WorkspaceCommand::Remove { workspace }) => {
@@ -376,6 +409,22 @@ fn print_human(name: &str, result: &Value) {
         method::STATUS | method::WORKSPACE_LIST => {
             if name == method::STATUS {
                 let _ = writeln!(out, "device {}", str_of(&result["device_id"]));
+                for addr in result["listen_addrs"].as_array().into_iter().flatten() {
+                    let _ = writeln!(out, "listening on {}", str_of(addr));
+                }
+                for p in result["peers"].as_array().into_iter().flatten() {
+                    let state = if p["connected"] == true {
+                        "connected"
+                    } else {
+                        "not connected"
+                    };
+                    let _ = writeln!(
+                        out,
+                        "peer {} {} ({state})",
+                        str_of(&p["device_id"]),
+                        str_of(&p["name"])
+                    );
+                }
             }
             let workspaces = result["workspaces"].as_array().cloned().unwrap_or_default();
             if workspaces.is_empty() {
@@ -423,6 +472,30 @@ fn print_human(name: &str, result: &Value) {
                 }
                 Ok(())
             }
+        }
+        method::PEER_LIST => {
+            let peers = result["peers"].as_array().cloned().unwrap_or_default();
+            if peers.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "no trusted devices; add one with `mariesync peer add DEVICE_ID`"
+                );
+            }
+            for p in peers {
+                let state = if p["connected"] == true {
+                    format!("connected via {}", str_of(&p["address"]))
+                } else {
+                    "not connected".to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "{}  {:<16} {}",
+                    str_of(&p["device_id"]),
+                    str_of(&p["name"]),
+                    state
+                );
+            }
+            Ok(())
         }
         method::WORKSPACE_FILES => {
             for f in result["files"].as_array().into_iter().flatten() {

@@ -17,9 +17,9 @@ use anyhow::Context as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use mariesync_ffi::HomePaths;
 use mariesync_protocol::ipc::{
-    CheckpointCreateParams, CheckpointDiffParams, CheckpointRestoreParams, ErrorCode, RpcError,
-    TouchedParams, WorkspaceAddParams, WorkspaceFilesParams, WorkspaceParams, event_kind, method,
-    parse_params,
+    CheckpointCreateParams, CheckpointDiffParams, CheckpointRestoreParams, ErrorCode,
+    PeerAddParams, PeerParams, RpcError, TouchedParams, WorkspaceAddParams, WorkspaceFilesParams,
+    WorkspaceParams, event_kind, method, parse_params,
 };
 use mariesync_protocol::{CheckpointId, DeviceKey, FileKind, RelPath, WorkspaceId};
 use serde_json::{Value, json};
@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, watch};
 use crate::checkpoint;
 use crate::events::EventLog;
 use crate::scan::Scope;
-use crate::store::{Store, WorkspaceRecord, WorkspaceState};
+use crate::store::{PeerRecord, Store, WorkspaceRecord, WorkspaceState};
 use crate::workspace::{self, Activity, Job, store_rpc_error};
 
 pub struct Options {
@@ -45,6 +45,8 @@ pub struct Daemon {
     pub device_key: DeviceKey,
     pub events: Arc<EventLog>,
     workspaces: Mutex<BTreeMap<u32, workspace::Handle>>,
+    /// The libp2p node, once started.
+    network: std::sync::OnceLock<crate::network::Network>,
     shutdown: watch::Sender<bool>,
     /// Set when chunks may have become unreferenced since the last GC.
     garbage: Arc<AtomicBool>,
@@ -68,11 +70,24 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         Store::open(&paths.database())
             .with_context(|| format!("cannot open the database {}", paths.database().display()))?,
     );
-    if !options.listen.is_empty() || options.relay.is_some() || !options.mdns {
-        tracing::info!(
-            "network options are recorded; peer-to-peer replication is not part of this build yet"
+    let listen: Vec<libp2p::Multiaddr> = if options.listen.is_empty() {
+        crate::network::default_listen_addrs()
+    } else {
+        options
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("--listen {a} is not a multiaddr"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    if let Some(relay) = &options.relay {
+        tracing::warn!(
+            "--relay {relay}: relays are not supported by this build yet; connecting directly only"
         );
     }
+    let keypair = identity.keypair.clone();
 
     // Event sequence numbers continue across restarts: each run starts a new
     // epoch above everything handed out before.
@@ -92,6 +107,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         device_id: identity.device_id,
         events,
         workspaces: Mutex::new(BTreeMap::new()),
+        network: std::sync::OnceLock::new(),
         shutdown,
         garbage: Arc::new(AtomicBool::new(true)),
     });
@@ -115,6 +131,22 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         let listener = listener_options
             .create_tokio()
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
+                let trusted = store
+            .peers()?
+            .into_iter()
+            .filter_map(|(id, record)| {
+                let peer = id.parse::<libp2p::PeerId>().ok()?;
+                Some((peer, record.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
+            })
+            .collect();
+        let network = crate::network::start(
+            keypair,
+            crate::network::Options { listen, mdns: options.mdns, device_name: crate::network::host_name() },
+            trusted,
+            daemon.events.clone(),
+            shutdown_rx.clone(),
+        )?;
+        let _ = daemon.network.set(network);
         tracing::info!(device_id = %daemon.device_id, socket = %socket.display(), "mariesync daemon ready");
         let server = tokio::spawn(crate::ipc::serve(listener, daemon.clone(), shutdown_rx.clone()));
         let collector = tokio::spawn(collect_garbage_periodically(daemon.clone()));
@@ -391,15 +423,88 @@ impl Daemon {
             method::ID => Ok(json!({ "device_id": self.device_id })),
             method::STATUS => {
                 let workspaces = self.workspace_statuses(true)?;
+                let listen_addrs: Vec<String> = self
+                    .network
+                    .get()
+                    .map(|n| n.snapshot(|s| s.listen_addrs.iter().map(|a| a.to_string()).collect()))
+                    .unwrap_or_default();
                 Ok(json!({
                     "device_id": self.device_id,
                     "home": self.paths.home.display().to_string(),
-                    "listen_addrs": [],
-                    "peers": [],
+                    "listen_addrs": listen_addrs,
+                    "peers": self.peer_list()?,
                     "workspaces": workspaces,
                 }))
             }
             method::WORKSPACE_LIST => Ok(json!({ "workspaces": self.workspace_statuses(false)? })),
+            method::PEER_LIST => Ok(json!({ "peers": self.peer_list()? })),
+            method::PEER_ADD => {
+                let p: PeerAddParams = parse_params(params)?;
+                let peer: libp2p::PeerId = p.device_id.parse().map_err(|_| {
+                    RpcError::new(
+                        ErrorCode::InvalidParams,
+                        format!("'{}' is not a device ID", p.device_id),
+                    )
+                })?;
+                if peer.to_string() == self.device_id {
+                    return Err(RpcError::new(
+                        ErrorCode::InvalidParams,
+                        "that is this device's own ID",
+                    ));
+                }
+                let addrs = p
+                    .addrs
+                    .iter()
+                    .map(|a| {
+                        a.parse::<libp2p::Multiaddr>().map_err(|_| {
+                            RpcError::new(
+                                ErrorCode::InvalidParams,
+                                format!("'{a}' is not a multiaddr"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut record = self
+                    .store
+                    .peers()
+                    .map_err(store_err)?
+                    .into_iter()
+                    .find(|(id, _)| *id == p.device_id)
+                    .map(|(_, r)| r)
+                    .unwrap_or(PeerRecord {
+                        name: String::new(),
+                        addrs: Vec::new(),
+                        added_ms: workspace::now_ms(),
+                    });
+                if let Some(name) = p.name {
+                    record.name = name;
+                }
+                for addr in &addrs {
+                    if !record.addrs.contains(&addr.to_string()) {
+                        record.addrs.push(addr.to_string());
+                    }
+                }
+                self.store
+                    .put_peer(&p.device_id, &record)
+                    .map_err(store_err)?;
+                if let Some(network) = self.network.get() {
+                    network.send(crate::network::Command::Trust { peer, addrs });
+                }
+                Ok(json!({}))
+            }
+            method::PEER_REMOVE => {
+                let p: PeerParams = parse_params(params)?;
+                if !self.store.remove_peer(&p.device_id).map_err(store_err)? {
+                    return Err(RpcError::new(
+                        ErrorCode::InvalidParams,
+                        format!("{} is not a trusted device", p.device_id),
+                    ));
+                }
+                if let (Some(network), Ok(peer)) = (self.network.get(), p.device_id.parse()) {
+                    network.send(crate::network::Command::Distrust { peer });
+                }
+                Ok(json!({}))
+            }
             method::WORKSPACE_ADD => {
                 let p: WorkspaceAddParams = parse_params(params)?;
                 self.add_workspace(p)
@@ -652,6 +757,39 @@ impl Daemon {
             json!({"workspace_id": id.to_string(), "name": record.name, "path": path_text}),
         );
         Ok(json!({ "workspace_id": id.to_string(), "path": path_text }))
+    }
+
+    /// Trusted peers as `peer list` shows them.
+    fn peer_list(&self) -> Result<Vec<Value>, RpcError> {
+        let peers = self.store.peers().map_err(|e| store_rpc_error(&e))?;
+        let (connected, names) = self
+            .network
+            .get()
+            .map(|n| n.snapshot(|s| (s.connected.clone(), s.names.clone())))
+            .unwrap_or_default();
+        Ok(peers
+            .into_iter()
+            .map(|(id, record)| {
+                let peer = id.parse::<libp2p::PeerId>().ok();
+                let address = peer.and_then(|p| connected.get(&p).map(|a| a.to_string()));
+                let name = if record.name.is_empty() {
+                    peer.and_then(|p| names.get(&p).cloned())
+                        .unwrap_or_default()
+                } else {
+                    record.name
+                };
+                let mut v = json!({
+                    "device_id": id,
+                    "name": name,
+                    "addrs": record.addrs,
+                    "connected": address.is_some(),
+                });
+                if let Some(address) = address {
+                    v["address"] = address.into();
+                }
+                v
+            })
+            .collect())
     }
 
     fn resolve(&self, workspace: &str) -> Result<Arc<workspace::Shared>, RpcError> {

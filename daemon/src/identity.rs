@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use libp2p_identity::Keypair;
+use libp2p::identity::Keypair;
 
 pub struct Identity {
     pub keypair: Keypair,

@@ -18,6 +18,7 @@ pub mod events;
 pub mod identity;
 pub mod ipc;
 pub mod materialize;
+pub mod network;
 pub mod scan;
 pub mod store;
 pub mod workspace;

@@ -118,6 +118,9 @@ impl Device {
             .arg("daemon")
             .arg("--home")
             .arg(&self.home)
+            // Tests talk over loopback only, and never multicast on a real
+            // interface; LAN tests make their own network namespaces.
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .env(
                 "RUST_LOG",
                 std::env::var("MARIESYNC_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -200,6 +203,46 @@ impl Device {
         );
         serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout:?}"))
+    }
+
+    pub fn device_id(&self) -> String {
+        self.ok("id", json!({}))["device_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Where this daemon listens (waits for the first address).
+    pub fn listen_addr(&self) -> String {
+        wait_until(Duration::from_secs(10), "a listen address", || {
+            self.ok("status", json!({}))["listen_addrs"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|a| a.as_str())
+                .map(str::to_owned)
+        })
+    }
+
+    /// This device's view of a trusted peer, from `peer.list`.
+    pub fn peer(&self, device_id: &str) -> Option<Value> {
+        self.ok("peer.list", json!({}))["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["device_id"] == device_id)
+            .cloned()
+    }
+
+    pub fn wait_connected(&self, device_id: &str) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("a connection to {device_id}"),
+            || {
+                self.peer(device_id)
+                    .filter(|p| p["connected"] == true)
+                    .map(|_| ())
+            },
+        );
     }
 
     pub fn add_workspace(&self, path: &Path, name: &str) -> String {

@@ -193,6 +193,9 @@ pub mod method {
     pub const CHECKPOINT_LIST: &str = "checkpoint.list";
     pub const CHECKPOINT_DIFF: &str = "checkpoint.diff";
     pub const CHECKPOINT_RESTORE: &str = "checkpoint.restore";
+    pub const PEER_ADD: &str = "peer.add";
+    pub const PEER_LIST: &str = "peer.list";
+    pub const PEER_REMOVE: &str = "peer.remove";
     pub const STORE_STATS: &str = "store.stats";
     pub const STORE_VERIFY: &str = "store.verify";
     pub const STORE_GC: &str = "store.gc";
@@ -256,6 +259,22 @@ pub struct CheckpointDiffParams {
 pub struct CheckpointRestoreParams {
     pub workspace: String,
     pub checkpoint_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAddParams {
+    pub device_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub addrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerParams {
+    pub device_id: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ pub mod index;
 pub mod ipc;
 pub mod path;
 pub mod version;
+pub mod wire;
 
 pub use ids::{CheckpointId, ChunkHash, WorkspaceId};
 pub use index::{FileEntry, FileKind};

@@ -26,7 +26,8 @@ pub use chunks::{
     encode_chunk,
 };
 pub use records::{
-    CheckpointRecord, IndexedFile, ManifestEntry, StatCache, WorkspaceRecord, WorkspaceState,
+    CheckpointRecord, IndexedFile, ManifestEntry, PeerRecord, StatCache, WorkspaceRecord,
+    WorkspaceState,
 };
 
 /// (pack, part) -> bytes. The chunks one commit adds are concatenated into
@@ -59,6 +60,8 @@ const FILES: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("files")
 const SEQUENCES: TableDefinition<(u32, u64), &str> = TableDefinition::new("sequences");
 /// (workspace number, checkpoint id) -> CheckpointRecord.
 const CHECKPOINTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("checkpoints");
+/// device id -> PeerRecord: the devices this one trusts.
+const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// Small named values: schema version, counters, restore intents.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -173,6 +176,7 @@ impl Store {
             txn.open_table(FILES)?;
             txn.open_table(SEQUENCES)?;
             txn.open_table(CHECKPOINTS)?;
+            txn.open_table(PEERS)?;
             let mut meta = txn.open_table(META)?;
             if found.is_none() {
                 meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice())?;
@@ -541,6 +545,34 @@ impl Store {
         }
         self.commit(txn)?;
         Ok(record)
+    }
+
+    // ---- trusted peers ----------------------------------------------------
+
+    pub fn peers(&self) -> Result<Vec<(String, PeerRecord)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PEERS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_owned(), records::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    pub fn put_peer(&self, device_id: &str, record: &PeerRecord) -> Result<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(PEERS)?
+            .insert(device_id, records::encode(record).as_slice())?;
+        self.commit(txn)
+    }
+
+    /// Returns whether the peer was trusted.
+    pub fn remove_peer(&self, device_id: &str) -> Result<bool> {
+        let txn = self.begin_write()?;
+        let removed = txn.open_table(PEERS)?.remove(device_id)?.is_some();
+        self.commit(txn)?;
+        Ok(removed)
     }
 
     // ---- restore intents --------------------------------------------------

@@ -28,6 +28,15 @@ pub enum WorkspaceState {
     },
 }
 
+/// A device this one trusts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub name: String,
+    /// Multiaddrs to dial it at, as text.
+    pub addrs: Vec<String>,
+    pub added_ms: u64,
+}
+
 /// What the scanner saw of a file when it last hashed it. If all of it is
 /// unchanged, the file is not read again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

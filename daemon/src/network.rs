@@ -1,0 +1,519 @@
+//! The device's libp2p node: QUIC and TCP (noise, yamux), identify, ping,
+//! mDNS, and MarieSync's sync protocol.
+//!
+//! **Architecture Invariant:** an untrusted device never gets a message
+//! read. The allow-list behaviour comes first in [`Behaviour`] (hooks run in
+//! field order) and denies every connection with a peer that is not
+//! trusted, right after the handshake proves its key; mDNS only ever leads
+//! to dialing trusted devices.
+//!
+//! One task owns the swarm; the rest of the daemon talks to it through
+//! [`Network`] (commands in, a shared snapshot of its state out).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, mdns,
+    noise, ping, request_response, tcp, yamux,
+};
+use mariesync_protocol::wire::{self, PROTOCOL_VERSION, Request, Response, SYNC_PROTOCOL};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::events::EventLog;
+
+/// Connections kept to one peer at most (QUIC and TCP may both succeed).
+const CONNECTIONS_PER_PEER_MAX: u32 = 2;
+const CONNECTIONS_INCOMING_MAX: u32 = 128;
+const CONNECTIONS_PENDING_MAX: u32 = 32;
+/// Reconnection attempts back off from the first to the last delay.
+const RECONNECT_FIRST: Duration = Duration::from_secs(1);
+const RECONNECT_LAST: Duration = Duration::from_secs(60);
+/// Connections to trusted peers stay open while idle.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub const EVENT_PEER_CONNECTED: &str = "peer_connected";
+pub const EVENT_PEER_DISCONNECTED: &str = "peer_disconnected";
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    // Gatekeepers first.
+    allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    sync: request_response::Behaviour<SyncCodec>,
+}
+
+pub struct Options {
+    pub listen: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub device_name: String,
+}
+
+/// The default listen addresses: QUIC and TCP, all interfaces, OS ports.
+pub fn default_listen_addrs() -> Vec<Multiaddr> {
+    ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"]
+        .iter()
+        .map(|a| a.parse().expect("valid default multiaddr"))
+        .collect()
+}
+
+/// What the rest of the daemon can see of the node.
+#[derive(Default)]
+pub struct State {
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Connected peers and the address of their first connection.
+    pub connected: BTreeMap<PeerId, Multiaddr>,
+    /// Names peers gave in their hello.
+    pub names: HashMap<PeerId, String>,
+}
+
+pub enum Command {
+    Trust { peer: PeerId, addrs: Vec<Multiaddr> },
+    Distrust { peer: PeerId },
+}
+
+#[derive(Clone)]
+pub struct Network {
+    commands: mpsc::Sender<Command>,
+    pub state: Arc<Mutex<State>>,
+}
+
+impl Network {
+    pub fn send(&self, command: Command) {
+        if self.commands.try_send(command).is_err() {
+            tracing::warn!("the network task is busy or gone; a peer command was dropped");
+        }
+    }
+
+    pub fn snapshot<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Builds the node, starts listening and spawns its task on the current
+/// tokio runtime.
+pub fn start(
+    keypair: libp2p::identity::Keypair,
+    options: Options,
+    trusted: Vec<(PeerId, Vec<Multiaddr>)>,
+    events: Arc<EventLog>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Network> {
+    let local = keypair.public().to_peer_id();
+    let mdns_enabled = options.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_dns()?
+        .with_behaviour(|key| {
+            let mdns = if mdns_enabled {
+                match mdns::tokio::Behaviour::new(mdns::Config::default(), local) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!("LAN discovery (mDNS) is unavailable: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                allow: allow_block_list::Behaviour::default(),
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX))
+                        .with_max_established_incoming(Some(CONNECTIONS_INCOMING_MAX))
+                        .with_max_pending_incoming(Some(CONNECTIONS_PENDING_MAX))
+                        .with_max_pending_outgoing(Some(CONNECTIONS_PENDING_MAX)),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    format!("/mariesync/{PROTOCOL_VERSION}"),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                mdns: Toggle::from(mdns),
+                sync: request_response::Behaviour::with_codec(
+                    SyncCodec,
+                    [(
+                        StreamProtocol::new(SYNC_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                ),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    for addr in &options.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    }
+    let (commands, receiver) = mpsc::channel(256);
+    let state = Arc::new(Mutex::new(State::default()));
+    let mut node = Node {
+        swarm,
+        state: state.clone(),
+        events,
+        device_name: options.device_name,
+        known: HashMap::new(),
+        backoff: HashMap::new(),
+    };
+    for (peer, addrs) in trusted {
+        node.trust(peer, addrs);
+    }
+    tokio::spawn(node.run(receiver, shutdown));
+    Ok(Network { commands, state })
+}
+
+struct Node {
+    swarm: Swarm<Behaviour>,
+    state: Arc<Mutex<State>>,
+    events: Arc<EventLog>,
+    device_name: String,
+    /// Trusted peers and where they were last seen or said to be.
+    known: HashMap<PeerId, Vec<Multiaddr>>,
+    /// When each disconnected trusted peer is dialed next, and the delay after.
+    backoff: HashMap<PeerId, (Instant, Duration)>,
+}
+
+impl Node {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = commands.recv() => match command {
+                    Some(Command::Trust { peer, addrs }) => self.trust(peer, addrs),
+                    Some(Command::Distrust { peer }) => self.distrust(peer),
+                    None => return,
+                },
+                _ = tick.tick() => self.reconnect(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.swarm.is_connected(peer)
+    }
+
+    fn trust(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        self.swarm.behaviour_mut().allow.allow_peer(peer);
+        let known = self.known.entry(peer).or_default();
+        for addr in addrs {
+            if !known.contains(&addr) {
+                known.push(addr);
+            }
+        }
+        self.backoff.insert(peer, (Instant::now(), RECONNECT_FIRST));
+        self.reconnect();
+    }
+
+    fn distrust(&mut self, peer: PeerId) {
+        self.swarm.behaviour_mut().allow.disallow_peer(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.known.remove(&peer);
+        self.backoff.remove(&peer);
+    }
+
+    /// Dials trusted peers that are not connected and whose backoff expired.
+    fn reconnect(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .known
+            .iter()
+            .filter(|(peer, addrs)| {
+                !addrs.is_empty()
+                    && !self.is_connected(peer)
+                    && self.backoff.get(peer).is_none_or(|(next, _)| *next <= now)
+            })
+            .map(|(peer, addrs)| (*peer, addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            let delay = self
+                .backoff
+                .get(&peer)
+                .map(|(_, d)| *d)
+                .unwrap_or(RECONNECT_FIRST);
+            self.backoff
+                .insert(peer, (now + delay, (delay * 2).min(RECONNECT_LAST)));
+            self.dial(peer, addrs);
+        }
+    }
+
+    fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "not dialing: {e}");
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {address}");
+                self.update(|s| s.listen_addrs.push(address));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.update(|s| s.listen_addrs.retain(|a| a != &address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } if num_established.get() == 1 => {
+                let addr = endpoint.get_remote_address().clone();
+                tracing::info!(peer = %peer_id, %addr, "peer connected");
+                self.update(|s| {
+                    s.connected.insert(peer_id, addr.clone());
+                });
+                self.backoff
+                    .insert(peer_id, (Instant::now(), RECONNECT_FIRST));
+                self.events.publish(
+                    EVENT_PEER_CONNECTED,
+                    json!({"device_id": peer_id.to_string(), "addr": addr.to_string()}),
+                );
+                let hello = Request::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    device_name: self.device_name.clone(),
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&peer_id, hello);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "peer disconnected{}", cause.map(|c| format!(": {c}")).unwrap_or_default());
+                self.update(|s| {
+                    s.connected.remove(&peer_id);
+                });
+                self.events.publish(
+                    EVENT_PEER_DISCONNECTED,
+                    json!({"device_id": peer_id.to_string()}),
+                );
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(from = %send_back_addr, "incoming connection refused: {error}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                // mDNS reports every address of a peer: group them, dial once.
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in found {
+                    if self.known.contains_key(&peer) {
+                        by_peer.entry(peer).or_default().push(addr);
+                    }
+                }
+                for (peer, addrs) in by_peer {
+                    let known = self.known.entry(peer).or_default();
+                    for addr in &addrs {
+                        if !known.contains(addr) {
+                            known.push(addr.clone());
+                        }
+                    }
+                    if !self.is_connected(&peer) {
+                        tracing::info!(%peer, "found a trusted device on the LAN");
+                        self.dial(peer, addrs);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                // Remember where a trusted peer listens, to call it back.
+                if let Some(known) = self.known.get_mut(&peer_id) {
+                    for addr in info.listen_addrs {
+                        if !known.contains(&addr) && known.len() < 16 {
+                            known.push(addr);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let response = match request {
+                        Request::Hello {
+                            protocol_version,
+                            device_name,
+                        } => {
+                            self.update(|s| {
+                                s.names.insert(peer, device_name);
+                            });
+                            if protocol_version == PROTOCOL_VERSION {
+                                Response::Hello {
+                                    protocol_version: PROTOCOL_VERSION,
+                                    device_name: self.device_name.clone(),
+                                }
+                            } else {
+                                Response::Error {
+                                    message: format!(
+                                        "protocol version {protocol_version} is not {PROTOCOL_VERSION}"
+                                    ),
+                                }
+                            }
+                        }
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, response);
+                }
+                request_response::Message::Response { response, .. } => match response {
+                    Response::Hello { device_name, .. } => self.update(|s| {
+                        s.names.insert(peer, device_name);
+                    }),
+                    Response::Error { message } => tracing::warn!(%peer, "peer refused: {message}"),
+                },
+            },
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound sync message failed: {error}");
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "outbound sync message failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// Length-prefixed postcard frames with a size limit checked before reading.
+#[derive(Clone, Default)]
+pub struct SyncCodec;
+
+async fn read_frame<T, M>(io: &mut T) -> std::io::Result<M>
+where
+    T: futures::AsyncRead + Unpin + Send,
+    M: for<'de> serde::Deserialize<'de>,
+{
+    let mut prefix = [0u8; 4];
+    io.read_exact(&mut prefix).await?;
+    let len = wire::check_length(prefix)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    wire::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+async fn write_frame<T, M>(io: &mut T, message: &M) -> std::io::Result<()>
+where
+    T: futures::AsyncWrite + Unpin + Send,
+    M: serde::Serialize,
+{
+    let frame = wire::encode(message)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    io.write_all(&frame).await?;
+    io.flush().await
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Request>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Response>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: Request,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &request).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Response,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &response).await
+    }
+}
+
+/// This machine's name, for peers' lists.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "device".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
