@@ -82,6 +82,7 @@ fn ingest(c: &mut Criterion) {
                         workspace: fresh.workspace,
                         root: dir,
                         device: DeviceKey(1),
+                        device_id: "12D3KooWbench",
                         progress: &progress,
                         cancel: &cancel,
                         allow_empty: false,

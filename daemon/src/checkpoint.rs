@@ -305,7 +305,7 @@ pub fn restore(
 
 /// True if the file at `path` still has the content the index recorded
 /// (checked by size first, then by hash).
-fn on_disk_matches(path: &Path, entry: &ManifestEntry) -> bool {
+pub fn on_disk_matches(path: &Path, entry: &ManifestEntry) -> bool {
     match entry.kind {
         FileKind::Symlink => std::fs::read_link(path)
             .ok()

@@ -47,6 +47,7 @@ pub struct Daemon {
     workspaces: Mutex<BTreeMap<u32, workspace::Handle>>,
     /// The libp2p node, once started.
     network: std::sync::OnceLock<crate::network::Network>,
+    replicator: std::sync::OnceLock<Arc<crate::replicate::Replicator>>,
     shutdown: watch::Sender<bool>,
     /// Set when chunks may have become unreferenced since the last GC.
     garbage: Arc<AtomicBool>,
@@ -108,6 +109,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         events,
         workspaces: Mutex::new(BTreeMap::new()),
         network: std::sync::OnceLock::new(),
+        replicator: std::sync::OnceLock::new(),
         shutdown,
         garbage: Arc::new(AtomicBool::new(true)),
     });
@@ -139,14 +141,20 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 Some((peer, record.addrs.iter().filter_map(|a| a.parse().ok()).collect()))
             })
             .collect();
+                let (net_sender, net_events) = tokio::sync::mpsc::channel(1024);
         let network = crate::network::start(
             keypair,
             crate::network::Options { listen, mdns: options.mdns, device_name: crate::network::host_name() },
-            trusted,
+                        trusted,
             daemon.events.clone(),
+            net_sender,
             shutdown_rx.clone(),
         )?;
-        let _ = daemon.network.set(network);
+        let _ = daemon.network.set(network.clone());
+        let replicator = crate::replicate::Replicator::new(&daemon, network);
+        tokio::spawn(replicator.clone().run(net_events));
+        tokio::spawn(announce_changes(daemon.clone(), replicator.clone()));
+        let _ = daemon.replicator.set(replicator);
         tracing::info!(device_id = %daemon.device_id, socket = %socket.display(), "mariesync daemon ready");
         let server = tokio::spawn(crate::ipc::serve(listener, daemon.clone(), shutdown_rx.clone()));
         let collector = tokio::spawn(collect_garbage_periodically(daemon.clone()));
@@ -166,7 +174,66 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     let _ = std::fs::remove_file(paths.socket());
+    // The store must be closed here, not leaked: redb marks a clean close,
+    // without which the next start runs a full repair.
+    drop(daemon);
+    match Arc::try_unwrap(store) {
+        Ok(store) => drop(store),
+        Err(_) => tracing::error!(
+            "the database is still referenced at shutdown; it will be checked at the next start"
+        ),
+    }
     result
+}
+
+/// Tells peers about local changes and pulls newly added workspaces. Events
+/// that arrive together are coalesced into one announcement per workspace.
+async fn announce_changes(daemon: Arc<Daemon>, replicator: Arc<crate::replicate::Replicator>) {
+    let mut events = daemon.events.subscribe(None).live;
+    loop {
+        let first = match events.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let mut batch = vec![first];
+        while let Ok(event) = events.try_recv() {
+            batch.push(event);
+        }
+        let mut changed = std::collections::BTreeSet::new();
+        let mut added = std::collections::BTreeSet::new();
+        for event in batch {
+            let Some(id) = event["workspace_id"]
+                .as_str()
+                .and_then(|s| s.parse::<WorkspaceId>().ok())
+            else {
+                continue;
+            };
+            match event["kind"].as_str() {
+                Some(event_kind::LOCAL_CHANGE) | Some(event_kind::FILE_RECEIVED) => {
+                    changed.insert(id);
+                }
+                Some(event_kind::WORKSPACE_ADDED) => {
+                    added.insert(id);
+                }
+                _ => {}
+            }
+        }
+        for id in changed {
+            replicator.announce(id, 0);
+        }
+        for id in added {
+            replicator.announce(id, 0);
+            let peers: Vec<libp2p::PeerId> = daemon
+                .network
+                .get()
+                .map(|n| n.snapshot(|s| s.connected.keys().copied().collect()))
+                .unwrap_or_default();
+            for peer in peers {
+                replicator.clone().pull(id, peer);
+            }
+        }
+    }
 }
 
 async fn collect_garbage_periodically(daemon: Arc<Daemon>) {
@@ -266,6 +333,7 @@ impl Daemon {
             store: self.store.clone(),
             events: self.events.clone(),
             device: self.device_key,
+            device_id: self.device_id.clone(),
             garbage: self.garbage.clone(),
         };
         let handle = workspace::start(
@@ -302,7 +370,19 @@ impl Daemon {
             }
             method::FLUSH => {
                 let p: WorkspaceParams = parse_params(params)?;
-                self.job(&p.workspace, |reply| Job::Flush { reply }).await
+                self.job(&p.workspace, |reply| Job::Flush { reply }).await?;
+                // Then every connected peer sharing it must have it.
+                let shared = self.resolve(&p.workspace)?;
+                if let Some(replicator) = self.replicator.get() {
+                    let target = self
+                        .store
+                        .workspace(shared.number)
+                        .map_err(|e| store_rpc_error(&e))?
+                        .map(|r| r.next_sequence.saturating_sub(1))
+                        .unwrap_or(0);
+                    replicator.wait_acknowledged(shared.id, target).await?;
+                }
+                Ok(json!({}))
             }
             method::WORKSPACE_RESCAN => {
                 let p: WorkspaceParams = parse_params(params)?;
@@ -757,6 +837,33 @@ impl Daemon {
             json!({"workspace_id": id.to_string(), "name": record.name, "path": path_text}),
         );
         Ok(json!({ "workspace_id": id.to_string(), "path": path_text }))
+    }
+
+    pub fn workspace_ids(&self) -> Vec<WorkspaceId> {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|h| h.shared.id)
+            .collect()
+    }
+
+    pub fn workspace_number(&self, id: WorkspaceId) -> Option<u32> {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|h| h.shared.id == id)
+            .map(|h| h.shared.number)
+    }
+
+    pub fn send_job(&self, id: WorkspaceId, job: Job) -> Result<(), RpcError> {
+        let workspaces = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        let handle = workspaces
+            .values()
+            .find(|h| h.shared.id == id)
+            .ok_or_else(|| not_found(&id.to_string()))?;
+        handle.send(job)
     }
 
     /// Trusted peers as `peer list` shows them.

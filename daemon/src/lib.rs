@@ -19,6 +19,7 @@ pub mod identity;
 pub mod ipc;
 pub mod materialize;
 pub mod network;
+pub mod replicate;
 pub mod scan;
 pub mod store;
 pub mod workspace;

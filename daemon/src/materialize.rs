@@ -176,6 +176,9 @@ fn write_file(temp: &Path, entry: &ManifestEntry, reader: &ChunkReader) -> Resul
         options.mode(if entry.executable { 0o755 } else { 0o644 });
     }
     let mut file = options.open(temp).map_err(io)?;
+    // Each chunk is verified on read; the whole must match the content
+    // hash too (a peer could pair valid chunks with a wrong hash).
+    let mut hasher = blake3::Hasher::new();
     for chunk in &entry.chunks {
         let data = reader
             .read(&chunk.hash, chunk.len)
@@ -183,7 +186,14 @@ fn write_file(temp: &Path, entry: &ManifestEntry, reader: &ChunkReader) -> Resul
                 path: entry.path.to_string(),
                 source,
             })?;
+        hasher.update(&data);
         file.write_all(&data).map_err(io)?;
+    }
+    if mariesync_protocol::ChunkHash::from(hasher.finalize()) != entry.content_hash {
+        return Err(WriteError::Io {
+            path: entry.path.to_string(),
+            source: std::io::Error::other("content does not match its hash"),
+        });
     }
     set_mtime(&file, entry.mtime_ns);
     file.sync_all().map_err(io)?;

@@ -24,7 +24,7 @@ use libp2p::{
 };
 use mariesync_protocol::wire::{self, PROTOCOL_VERSION, Request, Response, SYNC_PROTOCOL};
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::EventLog;
 
@@ -78,8 +78,34 @@ pub struct State {
 }
 
 pub enum Command {
-    Trust { peer: PeerId, addrs: Vec<Multiaddr> },
-    Distrust { peer: PeerId },
+    Trust {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    Distrust {
+        peer: PeerId,
+    },
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, String>>,
+    },
+    Respond {
+        channel: request_response::ResponseChannel<Response>,
+        response: Response,
+    },
+}
+
+/// What the node hands to the daemon.
+pub enum NetEvent {
+    PeerUp(PeerId),
+    PeerDown(PeerId),
+    /// A request from a trusted peer; answer with [`Command::Respond`].
+    Request {
+        peer: PeerId,
+        request: Request,
+        channel: request_response::ResponseChannel<Response>,
+    },
 }
 
 #[derive(Clone)]
@@ -95,6 +121,33 @@ impl Network {
         }
     }
 
+    /// Sends `request` to `peer` and waits for its answer.
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| "the network task is gone".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the network task is gone".to_string())?
+    }
+
+    pub async fn respond(
+        &self,
+        channel: request_response::ResponseChannel<Response>,
+        response: Response,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::Respond { channel, response })
+            .await;
+    }
+
     pub fn snapshot<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -107,6 +160,7 @@ pub fn start(
     options: Options,
     trusted: Vec<(PeerId, Vec<Multiaddr>)>,
     events: Arc<EventLog>,
+    net_events: mpsc::Sender<NetEvent>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Network> {
     let local = keypair.public().to_peer_id();
@@ -173,6 +227,8 @@ pub fn start(
         device_name: options.device_name,
         known: HashMap::new(),
         backoff: HashMap::new(),
+        pending: HashMap::new(),
+        net_events,
     };
     for (peer, addrs) in trusted {
         node.trust(peer, addrs);
@@ -190,6 +246,10 @@ struct Node {
     known: HashMap<PeerId, Vec<Multiaddr>>,
     /// When each disconnected trusted peer is dialed next, and the delay after.
     backoff: HashMap<PeerId, (Instant, Duration)>,
+    /// Outbound requests waiting for their answer.
+    pending:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
+    net_events: mpsc::Sender<NetEvent>,
 }
 
 impl Node {
@@ -205,7 +265,14 @@ impl Node {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = commands.recv() => match command {
                     Some(Command::Trust { peer, addrs }) => self.trust(peer, addrs),
-                    Some(Command::Distrust { peer }) => self.distrust(peer),
+                                        Some(Command::Distrust { peer }) => self.distrust(peer),
+                    Some(Command::Request { peer, request, reply }) => {
+                        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                        self.pending.insert(id, reply);
+                    }
+                    Some(Command::Respond { channel, response }) => {
+                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, response);
+                    }
                     None => return,
                 },
                 _ = tick.tick() => self.reconnect(),
@@ -310,6 +377,7 @@ impl Node {
                     .behaviour_mut()
                     .sync
                     .send_request(&peer_id, hello);
+                let _ = self.net_events.try_send(NetEvent::PeerUp(peer_id));
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -325,6 +393,7 @@ impl Node {
                     EVENT_PEER_DISCONNECTED,
                     json!({"device_id": peer_id.to_string()}),
                 );
+                let _ = self.net_events.try_send(NetEvent::PeerDown(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
@@ -403,6 +472,25 @@ impl Node {
                                 }
                             }
                         }
+                        other => {
+                            // The daemon answers; a full queue refuses rather
+                            // than buffering without bound.
+                            if let Err(mpsc::error::TrySendError::Full(NetEvent::Request {
+                                channel,
+                                ..
+                            })) = self.net_events.try_send(NetEvent::Request {
+                                peer,
+                                request: other,
+                                channel,
+                            }) {
+                                let busy = Response::Error {
+                                    message: "busy; try again".into(),
+                                };
+                                let _ =
+                                    self.swarm.behaviour_mut().sync.send_response(channel, busy);
+                            }
+                            return;
+                        }
                     };
                     let _ = self
                         .swarm
@@ -410,18 +498,35 @@ impl Node {
                         .sync
                         .send_response(channel, response);
                 }
-                request_response::Message::Response { response, .. } => match response {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => match response {
+                    _ if self.pending.contains_key(&request_id) => {
+                        if let Some(reply) = self.pending.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
                     Response::Hello { device_name, .. } => self.update(|s| {
                         s.names.insert(peer, device_name);
                     }),
                     Response::Error { message } => tracing::warn!(%peer, "peer refused: {message}"),
+                    _ => {}
                 },
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "inbound sync message failed: {error}");
             }
-            request_response::Event::OutboundFailure { peer, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                error,
+                request_id,
+                ..
+            } => {
                 tracing::debug!(%peer, "outbound sync message failed: {error}");
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
             }
             request_response::Event::ResponseSent { .. } => {}
         }

@@ -73,6 +73,8 @@ pub struct Scanner<'a> {
     pub workspace: u32,
     pub root: &'a Path,
     pub device: DeviceKey,
+    /// This device's ID, recorded as the maker of each new version.
+    pub device_id: &'a str,
     pub progress: &'a ScanProgress,
     pub cancel: &'a AtomicBool,
     /// Allow committing the deletion of everything (the user resumed an
@@ -449,6 +451,7 @@ impl Scanner<'_> {
         let mut version = old.map(|o| o.entry.version.clone()).unwrap_or_default();
         version.bump(self.device);
         entry.version = version;
+        entry.modified_by = self.device_id.to_owned();
         entry.sequence = *next_sequence;
         *next_sequence += 1;
         report.changes.push((entry.path.clone(), change));
@@ -705,6 +708,7 @@ fn new_entry(
         deleted: false,
         version: VersionVector::new(),
         sequence: 0,
+        modified_by: String::new(),
     }
 }
 

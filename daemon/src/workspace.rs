@@ -12,16 +12,22 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mariesync_protocol::index::ChunkRef;
 use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
-use mariesync_protocol::{CheckpointId, DeviceKey, RelPath, WorkspaceId};
+use mariesync_protocol::{
+    CheckpointId, DeviceKey, FileEntry, FileKind, RelPath, WorkspaceId, sync,
+};
 use notify::Watcher;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::{self, RestoreError};
 use crate::events::EventLog;
+use crate::materialize::{self, Expected, Identity};
 use crate::scan::{self, ScanError, ScanProgress, ScanReport, Scanner, Scope};
-use crate::store::{Store, StoreError, WorkspaceState};
+use crate::store::{
+    CONTENT_CHUNKS, ChunkReader, EncodedChunk, StatCache, Store, StoreError, WorkspaceState,
+};
 
 /// Quiet time after the last watcher event before a batch is scanned.
 const DEBOUNCE_QUIET_MS: u64 = 10;
@@ -69,6 +75,17 @@ pub enum Job {
     },
     /// Chunks were dropped as corrupt: re-read the files that used them.
     Repair,
+    /// Which of these chunks, needed to apply a peer's entries, are missing.
+    Plan {
+        entries: Vec<FileEntry>,
+        reply: oneshot::Sender<Vec<ChunkRef>>,
+    },
+    /// Apply a peer's entries; `chunks` holds the missing ones, verified.
+    Apply {
+        entries: Vec<FileEntry>,
+        chunks: Vec<EncodedChunk>,
+        reply: oneshot::Sender<Result<usize, RpcError>>,
+    },
     Stop,
 }
 
@@ -142,6 +159,7 @@ pub struct Context {
     pub store: Arc<Store>,
     pub events: Arc<EventLog>,
     pub device: DeviceKey,
+    pub device_id: String,
     /// Set when a change may have left chunks unreferenced.
     pub garbage: Arc<AtomicBool>,
 }
@@ -373,6 +391,21 @@ impl Worker {
                     let _ = reply.send(result);
                 }
                 Job::Repair => self.repair(),
+                Job::Plan { entries, reply } => {
+                    let _ = reply.send(self.plan_remote(&entries).unwrap_or_default());
+                }
+                Job::Apply {
+                    entries,
+                    chunks,
+                    reply,
+                } => {
+                    let result = if self.is_paused() {
+                        Err(self.paused_error())
+                    } else {
+                        self.apply_remote(entries, chunks)
+                    };
+                    let _ = reply.send(result);
+                }
                 Job::Resume { reply } => {
                     let result = self.resume(true);
                     let _ = reply.send(result);
@@ -592,6 +625,7 @@ impl Worker {
             workspace: self.shared.number,
             root: &self.shared.root,
             device: self.context.device,
+            device_id: &self.context.device_id,
             progress: &self.shared.progress,
             cancel: &self.shared.cancel,
             allow_empty,
@@ -710,6 +744,137 @@ impl Worker {
         );
         self.scan_with(Scope::Full, false, allow_empty)?;
         Ok(json!({}))
+    }
+
+    /// The chunks that applying `entries` needs and the store lacks.
+    fn plan_remote(&self, entries: &[FileEntry]) -> Result<Vec<ChunkRef>, StoreError> {
+        let store = &self.context.store;
+        let reader = store.reader()?;
+        let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for remote in entries {
+            if remote.kind != FileKind::File || remote.deleted || !valid_remote(remote) {
+                continue;
+            }
+            let local = store.file(self.shared.number, remote.path.as_str())?;
+            if sync::decide(local.as_ref().map(|l| &l.entry), remote) == sync::Decision::Ignore {
+                continue;
+            }
+            for chunk in &remote.chunks {
+                if seen.insert(chunk.hash) && !reader.contains(&chunk.hash)? {
+                    missing.push(*chunk);
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Applies a peer's entries: each path gets the version the sans-IO
+    /// core picks, written atomically and only over what the index knows.
+    fn apply_remote(
+        &mut self,
+        entries: Vec<FileEntry>,
+        chunks: Vec<EncodedChunk>,
+    ) -> Result<usize, RpcError> {
+        let store = self.context.store.clone();
+        let number = self.shared.number;
+        let root = self.shared.root.clone();
+        let store_err = |e: StoreError| store_rpc_error(&e);
+        let _references = store.reference_guard();
+        if !chunks.is_empty() {
+            store.commit_chunks(&chunks).map_err(store_err)?;
+        }
+        let reader = store.reader().map_err(store_err)?;
+        let mut next = store
+            .workspace(number)
+            .map_err(store_err)?
+            .map(|r| r.next_sequence)
+            .unwrap_or(1);
+        let mut batch = crate::store::Batch::default();
+        let mut rescan = Vec::new();
+        let mut applied = 0;
+        for remote in entries {
+            if !valid_remote(&remote) {
+                tracing::warn!(path = %remote.path, "ignoring an invalid entry from a peer");
+                continue;
+            }
+            let local = store
+                .file(number, remote.path.as_str())
+                .map_err(store_err)?;
+            let local_entry = local.as_ref().map(|l| &l.entry);
+            let decision = sync::decide(local_entry, &remote);
+            let outcome = match &decision {
+                sync::Decision::Ignore => continue,
+                sync::Decision::Apply => write_remote(&root, &remote, local_entry, &reader),
+                sync::Decision::Conflict {
+                    remote_wins: true,
+                    conflict_path,
+                } => {
+                    // Our version moves aside; the winner takes the path.
+                    if let (Some(path), Some(local)) = (conflict_path, local_entry) {
+                        move_aside(&root, local, path);
+                        rescan.push(path.clone());
+                    }
+                    write_remote(&root, &remote, None, &reader)
+                }
+                sync::Decision::Conflict {
+                    remote_wins: false,
+                    conflict_path,
+                } => {
+                    // Ours stays; theirs is kept beside it.
+                    if let Some(path) = conflict_path {
+                        let mut copy = crate::store::ManifestEntry::from_entry(&remote);
+                        copy.path = path.clone();
+                        if let Err(e) =
+                            materialize::write_entry(&root, &copy, &reader, Expected::Absent)
+                        {
+                            tracing::warn!("cannot keep the conflicting version as {path}: {e}");
+                        }
+                        rescan.push(path.clone());
+                    }
+                    continue;
+                }
+            };
+            match outcome {
+                Ok(stat) => {
+                    let mut entry = remote;
+                    entry.sequence = next;
+                    next += 1;
+                    self.context.events.publish(
+                        event_kind::FILE_RECEIVED,
+                        json!({"workspace_id": self.shared.id.to_string(), "path": entry.path.as_str(), "deleted": entry.deleted}),
+                    );
+                    if let sync::Decision::Conflict {
+                        conflict_path: Some(path),
+                        ..
+                    } = &decision
+                    {
+                        self.context.events.publish(
+                            event_kind::CONFLICT,
+                            json!({"workspace_id": self.shared.id.to_string(), "path": entry.path.as_str(), "conflict_path": path.as_str()}),
+                        );
+                    }
+                    batch
+                        .upserts
+                        .push(crate::store::IndexedFile { entry, stat });
+                    applied += 1;
+                }
+                Err(e) => tracing::warn!(workspace = %self.shared.name, "not applied: {e}"),
+            }
+        }
+        drop(reader);
+        store
+            .commit_batch(number, &batch, next, true)
+            .map_err(store_err)?;
+        drop(_references);
+        if !batch.upserts.is_empty() {
+            self.shared.update(|s| s.totals = None);
+            self.context.garbage.store(true, Ordering::Relaxed);
+        }
+        if !rescan.is_empty() {
+            let _ = self.scan(Scope::Paths(rescan), false);
+        }
+        Ok(applied)
     }
 
     /// Forgets the stat cache of entries whose chunks are gone, then scans:
@@ -882,6 +1047,118 @@ impl Worker {
             Ok(None) => {}
             Err(e) => tracing::error!("cannot read restore intent: {e}"),
         }
+    }
+}
+
+/// An entry from a peer we are willing to apply: chunk lengths within the
+/// chunker's bounds and adding up to the size, links that stay inside.
+fn valid_remote(entry: &FileEntry) -> bool {
+    if entry.deleted {
+        return true;
+    }
+    match entry.kind {
+        FileKind::File => {
+            entry
+                .chunks
+                .iter()
+                .all(|c| c.len > 0 && c.len <= CONTENT_CHUNKS.max)
+                && entry.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == entry.size
+        }
+        FileKind::Symlink => entry
+            .symlink_target
+            .as_deref()
+            .is_some_and(|t| !scan::link_escapes(&entry.path, t)),
+        FileKind::Directory => true,
+    }
+}
+
+/// Writes (or deletes) `remote` at its path, replacing only what `local`
+/// says is there; returns the stat to cache.
+fn write_remote(
+    root: &Path,
+    remote: &FileEntry,
+    local: Option<&FileEntry>,
+    reader: &ChunkReader,
+) -> Result<Option<StatCache>, materialize::WriteError> {
+    let path = materialize::resolve_inside(root, &remote.path)?;
+    let io = |source| materialize::WriteError::Io {
+        path: remote.path.to_string(),
+        source,
+    };
+    let live_local = local.filter(|l| !l.deleted);
+    if remote.deleted {
+        match live_local {
+            Some(l) if l.kind == FileKind::Directory => {
+                let _ = std::fs::remove_dir(&path);
+            }
+            Some(l) => {
+                if !crate::checkpoint::on_disk_matches(
+                    &path,
+                    &crate::store::ManifestEntry::from_entry(l),
+                ) {
+                    return Err(io(std::io::Error::other("changed on disk; kept")));
+                }
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                    _ => {}
+                }
+            }
+            None => {}
+        }
+        if let Some(parent) = path.parent() {
+            materialize::sync_dir(parent);
+        }
+        return Ok(None);
+    }
+    if remote.kind == FileKind::Directory {
+        std::fs::create_dir_all(&path).map_err(io)?;
+        return Ok(None);
+    }
+    let expected = match live_local {
+        Some(l) if l.kind != FileKind::Directory => {
+            let before = Identity::of(&path);
+            if !crate::checkpoint::on_disk_matches(
+                &path,
+                &crate::store::ManifestEntry::from_entry(l),
+            ) {
+                return Err(io(std::io::Error::other("changed on disk; kept")));
+            }
+            match (before, Identity::of(&path)) {
+                (Some(a), Some(b)) if a == b => Expected::Present(a),
+                (None, None) => Expected::Absent,
+                _ => return Err(io(std::io::Error::other("changed on disk; kept"))),
+            }
+        }
+        _ => Expected::Absent,
+    };
+    materialize::write_entry(
+        root,
+        &crate::store::ManifestEntry::from_entry(remote),
+        reader,
+        expected,
+    )?;
+    if let Some(parent) = path.parent() {
+        materialize::sync_dir(parent);
+    }
+    // Cache the stat unless the write is recent enough to be racy (it is):
+    // the next scan re-reads it once and finds the same content.
+    Ok(None)
+}
+
+/// Renames our losing version to its conflict name (if it is still what the
+/// index says).
+fn move_aside(root: &Path, local: &FileEntry, conflict_path: &RelPath) {
+    if local.deleted || local.kind == FileKind::Directory {
+        return;
+    }
+    let (Ok(from), Ok(to)) = (
+        materialize::resolve_inside(root, &local.path),
+        materialize::resolve_inside(root, conflict_path),
+    ) else {
+        return;
+    };
+    if let Err(e) = materialize::rename_noreplace(&from, &to) {
+        tracing::warn!("cannot keep our conflicting version as {conflict_path}: {e}");
     }
 }
 

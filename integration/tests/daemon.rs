@@ -45,6 +45,13 @@ fn sigterm_shuts_down_cleanly_and_state_survives() {
     assert!(String::from_utf8_lossy(&status.stderr).contains("mariesync daemon --home"));
 
     device.start_again();
+    // Regression: an Arc cycle kept the store open past exit, so redb was
+    // never closed and every start after a clean stop ran a full repair.
+    assert!(
+        !device.log().contains("not closed cleanly"),
+        "{}",
+        device.log()
+    );
     assert_eq!(device.cli_json(&["id"]), id);
     device.flush(&ws);
     assert_same_state(

@@ -53,6 +53,8 @@ pub struct FileEntry {
     pub version: VersionVector,
     /// The workspace's sequence number at the last change of this entry.
     pub sequence: u64,
+    /// The device ID of the device that made this version.
+    pub modified_by: String,
 }
 
 impl FileEntry {

@@ -297,6 +297,8 @@ pub mod event_kind {
     pub const RESTORE_FINISHED: &str = "restore_finished";
     pub const WATCHER_DEGRADED: &str = "watcher_degraded";
     pub const STORE_CORRUPT: &str = "store_corrupt";
+    pub const FILE_RECEIVED: &str = "file_received";
+    pub const CONFLICT: &str = "conflict";
     pub const ERROR: &str = "error";
 }
 

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod index;
 pub mod ipc;
 pub mod path;
+pub mod sync;
 pub mod version;
 pub mod wire;
 

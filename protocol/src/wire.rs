@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{ChunkHash, FileEntry, WorkspaceId};
+
 /// The libp2p protocol name of MarieSync's sync protocol.
 pub const SYNC_PROTOCOL: &str = "/mariesync/sync/1";
 /// Version of the messages below; a peer with another answers with an error.
@@ -11,12 +13,29 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// No frame from a peer may be larger (before any decompression).
 pub const WIRE_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 
+/// Index entries one `IndexSince` answer carries at most.
+pub const INDEX_ENTRIES_MAX: usize = 1024;
+/// Hashes one `Chunks` request names at most.
+pub const CHUNK_REQUEST_MAX: usize = 512;
+/// Stored bytes one `Chunks` answer carries at most (the rest is asked again).
+pub const CHUNK_RESPONSE_BYTES_MAX: usize = 6 * 1024 * 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// The first message on a new connection: who we are.
     Hello {
         protocol_version: u32,
         device_name: String,
+    },
+    /// The entries of `workspace` changed after `since`, in sequence order.
+    /// Asking also acknowledges everything up to `since`.
+    IndexSince { workspace: WorkspaceId, since: u64 },
+    /// Chunks by hash, in their stored form.
+    Chunks { hashes: Vec<ChunkHash> },
+    /// The sender's index of `workspace` moved to `sequence`: pull.
+    Changed {
+        workspace: WorkspaceId,
+        sequence: u64,
     },
 }
 
@@ -26,6 +45,17 @@ pub enum Response {
         protocol_version: u32,
         device_name: String,
     },
+    /// `last_sequence`: the sequence of the last entry sent (or `since`).
+    Index {
+        entries: Vec<FileEntry>,
+        last_sequence: u64,
+        more: bool,
+    },
+    /// The chunks found, stored form; missing ones are left out.
+    Chunks {
+        chunks: Vec<(ChunkHash, Vec<u8>)>,
+    },
+    Ack,
     Error {
         message: String,
     },

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use mariesync_protocol::{CheckpointId, ChunkHash, RelPath, WorkspaceId};
+use mariesync_protocol::{CheckpointId, ChunkHash, FileEntry, RelPath, WorkspaceId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use chunks::{
@@ -65,8 +65,9 @@ const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// Small named values: schema version, counters, restore intents.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-/// 2: chunk data keyed by ascending chunk number; 3: chunks in packs.
-const SCHEMA_VERSION: u32 = 3;
+/// 2: chunk data keyed by ascending chunk number; 3: chunks in packs;
+/// 4: index entries name the device that made them.
+const SCHEMA_VERSION: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -145,7 +146,18 @@ pub struct VerifyReport {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
+        // A new file goes through redb's recovery path too: only an existing
+        // database being repaired is news.
+        let announced = std::cell::Cell::new(!path.exists());
         let db = Database::builder()
+            .set_repair_callback(move |session| {
+                if !announced.replace(true) {
+                    tracing::warn!(
+                        "the database was not closed cleanly; checking and repairing it"
+                    );
+                }
+                tracing::debug!("database repair {:.0}%", session.progress() * 100.0);
+            })
             .set_cache_size(64 * 1024 * 1024)
             .create(path)?;
         let store = Store {
@@ -547,6 +559,53 @@ impl Store {
         Ok(record)
     }
 
+    /// Index entries (tombstones too) changed after `since`, in sequence
+    /// order, at most `limit`; and whether more follow.
+    pub fn changes_since(
+        &self,
+        workspace: u32,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<FileEntry>, bool)> {
+        let txn = self.db.begin_read()?;
+        let sequences = txn.open_table(SEQUENCES)?;
+        let files = txn.open_table(FILES)?;
+        let mut out = Vec::new();
+        let mut more = false;
+        for row in sequences.range((workspace, since.saturating_add(1))..(workspace + 1, 0))? {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let (_, path) = row?;
+            if let Some(v) = files.get((workspace, path.value()))? {
+                let file: IndexedFile = records::decode(v.value())?;
+                out.push(file.entry);
+            }
+        }
+        Ok((out, more))
+    }
+
+    /// A chunk's stored form (codec byte and payload), verified first: a
+    /// corrupt chunk is never served.
+    pub fn stored_chunk(
+        &self,
+        reader: &ChunkReader,
+        hash: &ChunkHash,
+    ) -> Result<Option<EncodedChunk>> {
+        let Some(info) = reader.info.get(hash.0)? else {
+            return Ok(None);
+        };
+        let (pack, offset, stored, raw) = info.value();
+        let bytes = read_packed(&reader.data, pack, offset, stored)?;
+        decode_chunk(hash, raw, &bytes)?;
+        Ok(Some(EncodedChunk {
+            hash: *hash,
+            raw_len: raw,
+            stored: bytes,
+        }))
+    }
+
     // ---- trusted peers ----------------------------------------------------
 
     pub fn peers(&self) -> Result<Vec<(String, PeerRecord)>> {
@@ -918,6 +977,7 @@ mod tests {
             deleted,
             version: VersionVector::new(),
             sequence: 1,
+            modified_by: String::new(),
         };
         (IndexedFile { entry, stat: None }, encode_chunk(hash, data))
     }
