@@ -54,6 +54,8 @@ enum Command {
     },
     /// Wait until every local change made before this call is scanned and stored.
     Flush { workspace: String },
+    /// List conflict copies: the versions that lost a concurrent edit.
+    Conflicts { workspace: String },
     /// Create, list, compare and restore checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
@@ -287,6 +289,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             )
         }
         Command::Flush { workspace } => (method::FLUSH, json!({"workspace": workspace})),
+        Command::Conflicts { workspace } => (method::CONFLICTS, json!({"workspace": workspace})),
         Command::Checkpoint(CheckpointCommand::Create { workspace, message }) => (
             method::CHECKPOINT_CREATE,
             json!({"workspace": workspace, "message": message}),
@@ -505,6 +508,18 @@ fn print_human(name: &str, result: &Value) {
                     str_of(&f["kind"]),
                     f["size"],
                     str_of(&f["path"])
+                );
+            }
+            Ok(())
+        }
+        method::CONFLICTS => {
+            for c in result["conflicts"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{}  (the other version: {}, by {})",
+                    str_of(&c["path"]),
+                    str_of(&c["conflict_path"]),
+                    str_of(&c["device_id"])
                 );
             }
             Ok(())

@@ -518,6 +518,32 @@ impl Daemon {
             }
             method::WORKSPACE_LIST => Ok(json!({ "workspaces": self.workspace_statuses(false)? })),
             method::PEER_LIST => Ok(json!({ "peers": self.peer_list()? })),
+            method::CONFLICTS => {
+                let p: WorkspaceParams = parse_params(params)?;
+                let number = self.resolve(&p.workspace)?.number;
+                let files = self.store.files(number, None).map_err(store_err)?;
+                let peers = self.store.peers().map_err(store_err)?;
+                let full_id = |prefix: &str| {
+                    std::iter::once(self.device_id.clone())
+                        .chain(peers.iter().map(|(id, _)| id.clone()))
+                        .find(|id| mariesync_protocol::sync::device_prefix(id) == prefix)
+                        .unwrap_or_else(|| prefix.to_owned())
+                };
+                let conflicts: Vec<Value> = files
+                    .iter()
+                    .filter(|f| !f.entry.deleted)
+                    .filter_map(|f| {
+                        let (original, device) =
+                            mariesync_protocol::sync::parse_conflict_path(&f.entry.path)?;
+                        Some(json!({
+                            "path": original.as_str(),
+                            "conflict_path": f.entry.path.as_str(),
+                            "device_id": full_id(&device),
+                        }))
+                    })
+                    .collect();
+                Ok(json!({ "conflicts": conflicts }))
+            }
             method::PEER_ADD => {
                 let p: PeerAddParams = parse_params(params)?;
                 let peer: libp2p::PeerId = p.device_id.parse().map_err(|_| {
@@ -920,7 +946,7 @@ impl Daemon {
         let mut out = Vec::new();
         for shared in shared {
             let status = shared.status();
-            let (files, bytes) = match status.totals {
+            let (files, bytes, conflicts) = match status.totals {
                 Some(totals) => totals,
                 None => {
                     let files = self
@@ -930,7 +956,12 @@ impl Daemon {
                     let totals = files
                         .iter()
                         .filter(|f| !f.entry.deleted && f.entry.kind == FileKind::File)
-                        .fold((0u64, 0u64), |(n, b), f| (n + 1, b + f.entry.size));
+                        .fold((0u64, 0u64, 0u64), |(n, b, c), f| {
+                            let conflict =
+                                mariesync_protocol::sync::parse_conflict_path(&f.entry.path)
+                                    .is_some();
+                            (n + 1, b + f.entry.size, c + u64::from(conflict))
+                        });
                     shared
                         .status
                         .lock()
@@ -952,7 +983,7 @@ impl Daemon {
                 "state": state,
                 "files": files,
                 "bytes": bytes,
-                "conflicts": 0,
+                                "conflicts": conflicts,
             });
             if let Activity::Paused(reason) = &status.activity {
                 v["reason"] = reason.clone().into();

@@ -104,8 +104,9 @@ pub struct Status {
     pub skipped: Vec<String>,
     pub case_clashes: Vec<(String, String)>,
     pub last_error: Option<String>,
-    /// (files, bytes) of the live index; None when it must be recounted.
-    pub totals: Option<(u64, u64)>,
+    /// (files, bytes, conflict copies) of the live index; None when it must
+    /// be recounted.
+    pub totals: Option<(u64, u64, u64)>,
 }
 
 /// What the IPC side can see of a worker.

@@ -94,3 +94,81 @@ fn an_offline_device_catches_up() {
     b.start_again();
     wait_same("b to catch up", &root_a, &root_b);
 }
+
+/// Concurrent edits of one file on two partitioned devices: after the
+/// partition heals both versions exist on both devices under the same
+/// names; an edit concurrent with a delete keeps the edit.
+#[test]
+fn concurrent_edits_become_identical_conflict_copies() {
+    let (dir_a, dir_b, a, b) = pair();
+    let root_a = dir_a.path().join("ws");
+    let root_b = dir_b.path().join("ws");
+    std::fs::create_dir_all(root_a.join("src")).unwrap();
+    std::fs::write(root_a.join("src/shared.rs"), "original\n").unwrap();
+    std::fs::write(root_a.join("notes.md"), "original notes\n").unwrap();
+    std::fs::create_dir_all(&root_b).unwrap();
+    let ws = a.add_workspace(&root_a, "w");
+    b.ok(
+        "workspace.add",
+        json!({"path": root_b, "name": "w", "id": ws}),
+    );
+    wait_same("the initial sync", &root_a, &root_b);
+    let (id_a, id_b) = (a.device_id(), b.device_id());
+
+    // Partition: each forgets the other.
+    a.cli_json(&["peer", "remove", &id_b]);
+    b.cli_json(&["peer", "remove", &id_a]);
+    wait_until(Duration::from_secs(30), "the partition", || {
+        (a.cli_json(&["status"])["peers"] == json!([]) && b.peer(&id_a).is_none()).then_some(())
+    });
+    std::fs::write(root_a.join("src/shared.rs"), "edited on a\n").unwrap();
+    std::fs::write(
+        root_b.join("src/shared.rs"),
+        "edited on b, later and longer\n",
+    )
+    .unwrap();
+    std::fs::write(root_a.join("notes.md"), "notes edited on a\n").unwrap();
+    std::fs::remove_file(root_b.join("notes.md")).unwrap();
+    a.flush(&ws);
+    b.flush(&ws);
+
+    // Heal.
+    a.cli_json(&["peer", "add", &id_b]);
+    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    wait_same("convergence after the partition", &root_a, &root_b);
+    a.flush(&ws);
+    b.flush(&ws);
+    wait_same("convergence after the partition", &root_a, &root_b);
+
+    let tree = tree_state(&root_a);
+    let conflicts: Vec<&String> = tree
+        .keys()
+        .filter(|p| p.contains(".sync-conflict-"))
+        .collect();
+    assert_eq!(conflicts.len(), 1, "{:?}", tree.keys().collect::<Vec<_>>());
+    let copy = conflicts[0];
+    assert!(
+        copy.starts_with("src/shared.sync-conflict-") && copy.ends_with(".rs"),
+        "{copy}"
+    );
+    let winner = std::fs::read_to_string(root_a.join("src/shared.rs")).unwrap();
+    let loser = std::fs::read_to_string(root_a.join(copy)).unwrap();
+    let mut both = [winner, loser];
+    both.sort();
+    assert_eq!(
+        both,
+        [
+            "edited on a\n".to_string(),
+            "edited on b, later and longer\n".to_string()
+        ]
+    );
+    // The edit beat the delete.
+    assert_eq!(
+        std::fs::read_to_string(root_b.join("notes.md")).unwrap(),
+        "notes edited on a\n"
+    );
+    let listed = a.cli_json(&["conflicts", "w"]);
+    assert_eq!(listed["conflicts"][0]["path"], "src/shared.rs");
+    assert_eq!(listed["conflicts"][0]["conflict_path"], copy.as_str());
+    assert_eq!(b.cli_json(&["conflicts", "w"]), listed);
+}

@@ -182,6 +182,7 @@ pub mod method {
     pub const STATUS: &str = "status";
     pub const SHUTDOWN: &str = "shutdown";
     pub const FLUSH: &str = "flush";
+    pub const CONFLICTS: &str = "conflicts";
     pub const WORKSPACE_ADD: &str = "workspace.add";
     pub const WORKSPACE_LIST: &str = "workspace.list";
     pub const WORKSPACE_REMOVE: &str = "workspace.remove";

@@ -65,7 +65,7 @@ pub fn conflict_path(loser: &FileEntry) -> RelPath {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    let device: String = loser.modified_by.chars().skip(8).take(7).collect();
+    let device = device_prefix(&loser.modified_by);
     let file = format!(
         "{stem}.sync-conflict-{}-{device}{ext}",
         utc_stamp(loser.mtime_ns)
@@ -77,6 +77,39 @@ pub fn conflict_path(loser: &FileEntry) -> RelPath {
     // Only components that were valid already, plus ASCII: still valid;
     // fall back to the bare name if the result is too long.
     RelPath::new(joined).unwrap_or_else(|_| loser.path.clone())
+}
+
+/// For a conflict copy's path: the path it is a copy of, and the short
+/// device prefix in its name.
+pub fn parse_conflict_path(path: &RelPath) -> Option<(RelPath, String)> {
+    let name = path.file_name();
+    let at = name.find(".sync-conflict-")?;
+    let stem = &name[..at];
+    let rest = &name[at + ".sync-conflict-".len()..];
+    // YYYYMMDD-HHMMSS-DEVICE then the extension, if any.
+    let (stamp_and_device, ext) = match rest.find('.') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let mut parts = stamp_and_device.splitn(3, '-');
+    let (date, time, device) = (parts.next()?, parts.next()?, parts.next()?);
+    if date.len() != 8
+        || time.len() != 6
+        || !date.bytes().chain(time.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let original = format!("{stem}{ext}");
+    let original = match path.parent() {
+        Some(parent) => format!("{parent}/{original}"),
+        None => original,
+    };
+    Some((RelPath::new(original).ok()?, device.to_owned()))
+}
+
+/// The short prefix of a device ID used in conflict names.
+pub fn device_prefix(device_id: &str) -> String {
+    device_id.chars().skip(8).take(7).collect()
 }
 
 /// YYYYMMDD-HHMMSS of a Unix time in nanoseconds, UTC (civil-from-days).
@@ -190,6 +223,28 @@ mod tests {
                 remote_wins: true,
                 conflict_path: None
             }
+        );
+    }
+
+    #[test]
+    fn conflict_names_parse_back() {
+        let loser = entry("src/main.rs", "x", A, 1_795_600_800, &[(1, 1)]);
+        let copy = conflict_path(&loser);
+        assert_eq!(
+            parse_conflict_path(&copy),
+            Some((loser.path.clone(), "AAAAAAA".into()))
+        );
+        let bare = entry("Makefile", "x", A, 0, &[(1, 1)]);
+        assert_eq!(
+            parse_conflict_path(&conflict_path(&bare))
+                .unwrap()
+                .0
+                .as_str(),
+            "Makefile"
+        );
+        assert_eq!(
+            parse_conflict_path(&RelPath::new("a.sync-conflict-x.rs").unwrap()),
+            None
         );
     }
 
