@@ -546,8 +546,16 @@ where
     io.read_exact(&mut prefix).await?;
     let len = wire::check_length(prefix)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    // Grown as bytes arrive, not allocated up front: a peer announcing 8 MiB
+    // and trickling bytes holds no more memory than it sent.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    io.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "frame ended early",
+        ));
+    }
     wire::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 

@@ -30,6 +30,9 @@ use crate::workspace::Job;
 
 /// New chunks fetched for one apply at most before they are handed over.
 const APPLY_CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// A failed pull is retried after these delays (doubling) while connected.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_LAST: Duration = Duration::from_secs(60);
 /// How long `flush` waits for peers to acknowledge.
 const FLUSH_ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -123,14 +126,11 @@ impl Replicator {
                 })
                 .await;
                 match read {
-                    Ok(Ok((entries, more))) => {
-                        let last_sequence = entries.last().map(|e| e.sequence).unwrap_or(since);
-                        Response::Index {
-                            entries,
-                            last_sequence,
-                            more,
-                        }
-                    }
+                    Ok(Ok((entries, more, last_sequence))) => Response::Index {
+                        entries,
+                        last_sequence,
+                        more,
+                    },
                     Ok(Err(e)) => Response::Error {
                         message: e.to_string(),
                     },
@@ -204,9 +204,17 @@ impl Replicator {
             running.insert((workspace, peer), false);
         }
         tokio::spawn(async move {
+            let mut retry = RETRY_FIRST;
             loop {
                 if let Err(e) = self.pull_once(workspace, peer).await {
                     tracing::debug!(%peer, %workspace, "pull stopped: {e}");
+                    // Again later while the peer is there: a busy peer, a
+                    // file being saved, a full disk all pass.
+                    if self.network.snapshot(|s| s.connected.contains_key(&peer)) {
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(RETRY_LAST);
+                        continue;
+                    }
                 }
                 let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                 if running.get(&(workspace, peer)) == Some(&true) {
@@ -242,16 +250,30 @@ impl Replicator {
                 Response::Error { message } => return Err(message),
                 other => return Err(format!("unexpected answer {other:?}")),
             };
-            if entries.len() > INDEX_ENTRIES_MAX || last_sequence < since {
+            if entries.len() > INDEX_ENTRIES_MAX
+                || last_sequence < since
+                || (more && last_sequence == since)
+            {
                 return Err("a peer sent a malformed index page".into());
             }
-            if !entries.is_empty() {
-                self.apply(workspace, peer, entries).await?;
-            }
+            let failed = if entries.is_empty() {
+                None
+            } else {
+                self.apply(workspace, peer, entries).await?
+            };
+            // Progress never passes an entry that is not applied: it is asked
+            // for again on the next round.
+            let progress = match failed {
+                Some(sequence) => sequence.saturating_sub(1).max(since),
+                None => last_sequence,
+            };
             self.daemon()?
                 .store
-                .meta_put(&progress_key, Some(&last_sequence.to_le_bytes()))
+                .meta_put(&progress_key, Some(&progress.to_le_bytes()))
                 .map_err(|e| e.to_string())?;
+            if failed.is_some() {
+                return Err("some entries could not be applied yet".into());
+            }
             if !more {
                 if last_sequence > since {
                     // Ask once more: it acknowledges what we just applied.
@@ -263,13 +285,15 @@ impl Replicator {
     }
 
     /// Fetches what `entries` need and has the worker apply them, in groups
-    /// whose new chunks fit in memory.
+    /// whose new chunks fit in memory. Returns the peer's sequence of the
+    /// first entry not applied, if any.
     async fn apply(
         &self,
         workspace: WorkspaceId,
         peer: PeerId,
         entries: Vec<FileEntry>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<u64>, String> {
+        let mut first_failed: Option<u64> = None;
         let mut group: Vec<FileEntry> = Vec::new();
         let mut group_bytes = 0u64;
         let mut rest = entries.into_iter().peekable();
@@ -296,14 +320,17 @@ impl Replicator {
                         },
                     )
                     .map_err(|e| e.to_string())?;
-                answer
+                let failed = answer
                     .await
                     .map_err(|_| "the workspace stopped".to_string())?
                     .map_err(|e| e.to_string())?;
+                if let Some(failed) = failed {
+                    first_failed = Some(first_failed.map_or(failed, |f| f.min(failed)));
+                }
                 group_bytes = 0;
             }
         }
-        Ok(())
+        Ok(first_failed)
     }
 
     async fn job<T>(

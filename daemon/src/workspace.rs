@@ -84,7 +84,8 @@ pub enum Job {
     Apply {
         entries: Vec<FileEntry>,
         chunks: Vec<EncodedChunk>,
-        reply: oneshot::Sender<Result<usize, RpcError>>,
+        /// The peer's sequence of the first entry not applied, if any.
+        reply: oneshot::Sender<Result<Option<u64>, RpcError>>,
     },
     Stop,
 }
@@ -772,16 +773,18 @@ impl Worker {
 
     /// Applies a peer's entries: each path gets the version the sans-IO
     /// core picks, written atomically and only over what the index knows.
+    /// Returns the peer's sequence of the first entry that could not be
+    /// applied (tried again later), if any.
     fn apply_remote(
         &mut self,
         entries: Vec<FileEntry>,
         chunks: Vec<EncodedChunk>,
-    ) -> Result<usize, RpcError> {
+    ) -> Result<Option<u64>, RpcError> {
         let store = self.context.store.clone();
         let number = self.shared.number;
         let root = self.shared.root.clone();
         let store_err = |e: StoreError| store_rpc_error(&e);
-        let _references = store.reference_guard();
+        let references = store.reference_guard();
         if !chunks.is_empty() {
             store.commit_chunks(&chunks).map_err(store_err)?;
         }
@@ -793,8 +796,17 @@ impl Worker {
             .unwrap_or(1);
         let mut batch = crate::store::Batch::default();
         let mut rescan = Vec::new();
-        let mut applied = 0;
-        for remote in entries {
+        let mut first_failed: Option<u64> = None;
+        let mut fail = |sequence: u64| {
+            first_failed = Some(first_failed.map_or(sequence, |f: u64| f.min(sequence)))
+        };
+        // Directory deletions go last, deepest first, once their files are gone.
+        let (dir_deletions, entries): (Vec<FileEntry>, Vec<FileEntry>) = entries
+            .into_iter()
+            .partition(|e| e.deleted && e.kind == FileKind::Directory);
+        let mut dir_deletions = dir_deletions;
+        dir_deletions.sort_by(|a, b| b.path.cmp(&a.path));
+        for remote in entries.into_iter().chain(dir_deletions) {
             if !valid_remote(&remote) {
                 tracing::warn!(path = %remote.path, "ignoring an invalid entry from a peer");
                 continue;
@@ -813,7 +825,11 @@ impl Worker {
                 } => {
                     // Our version moves aside; the winner takes the path.
                     if let (Some(path), Some(local)) = (conflict_path, local_entry) {
-                        move_aside(&root, local, path);
+                        if let Err(e) = move_aside(&root, local, path) {
+                            tracing::warn!("cannot keep our conflicting version as {path}: {e}");
+                            fail(remote.sequence);
+                            continue;
+                        }
                         rescan.push(path.clone());
                     }
                     write_remote(&root, &remote, None, &reader)
@@ -822,16 +838,33 @@ impl Worker {
                     remote_wins: false,
                     conflict_path,
                 } => {
-                    // Ours stays; theirs is kept beside it.
+                    // Ours stays, now with a version that has seen theirs, so
+                    // it replaces theirs everywhere; theirs is kept beside.
                     if let Some(path) = conflict_path {
                         let mut copy = crate::store::ManifestEntry::from_entry(&remote);
                         copy.path = path.clone();
-                        if let Err(e) =
-                            materialize::write_entry(&root, &copy, &reader, Expected::Absent)
+                        // Already there: an earlier round wrote the same copy.
+                        let written =
+                            materialize::write_entry(&root, &copy, &reader, Expected::Absent);
+                        let already = |e: &materialize::WriteError| matches!(e, materialize::WriteError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists);
+                        if let Err(e) = written.as_ref().map_err(|e| (already(e), e))
+                            && !e.0
                         {
-                            tracing::warn!("cannot keep the conflicting version as {path}: {e}");
+                            tracing::warn!(
+                                "cannot keep the conflicting version as {path}: {}",
+                                e.1
+                            );
+                            fail(remote.sequence);
+                            continue;
                         }
                         rescan.push(path.clone());
+                    }
+                    if let Some(local) = &local {
+                        let mut kept = local.clone();
+                        kept.entry.version.merge(&remote.version);
+                        kept.entry.sequence = next;
+                        next += 1;
+                        batch.upserts.push(kept);
                     }
                     continue;
                 }
@@ -839,6 +872,11 @@ impl Worker {
             match outcome {
                 Ok(stat) => {
                     let mut entry = remote;
+                    // Whatever we had is now seen too: a no-op when theirs
+                    // was newer, the union when the changes were concurrent.
+                    if let Some(local) = local_entry {
+                        entry.version.merge(&local.version);
+                    }
                     entry.sequence = next;
                     next += 1;
                     self.context.events.publish(
@@ -858,16 +896,18 @@ impl Worker {
                     batch
                         .upserts
                         .push(crate::store::IndexedFile { entry, stat });
-                    applied += 1;
                 }
-                Err(e) => tracing::warn!(workspace = %self.shared.name, "not applied: {e}"),
+                Err(e) => {
+                    tracing::warn!(workspace = %self.shared.name, "not applied yet: {e}");
+                    fail(remote.sequence);
+                }
             }
         }
         drop(reader);
         store
             .commit_batch(number, &batch, next, true)
             .map_err(store_err)?;
-        drop(_references);
+        drop(references);
         if !batch.upserts.is_empty() {
             self.shared.update(|s| s.totals = None);
             self.context.garbage.store(true, Ordering::Relaxed);
@@ -875,7 +915,7 @@ impl Worker {
         if !rescan.is_empty() {
             let _ = self.scan(Scope::Paths(rescan), false);
         }
-        Ok(applied)
+        Ok(first_failed)
     }
 
     /// Forgets the stat cache of entries whose chunks are gone, then scans:
@@ -1054,6 +1094,18 @@ impl Worker {
 /// An entry from a peer we are willing to apply: chunk lengths within the
 /// chunker's bounds and adding up to the size, links that stay inside.
 fn valid_remote(entry: &FileEntry) -> bool {
+    // Never VCS metadata (a peer writing .git/hooks runs code here) nor the
+    // daemon's own temporary names.
+    if entry
+        .path
+        .components()
+        .any(|c| scan::VCS_DIRS.contains(&c) || c.starts_with(scan::TEMP_PREFIX))
+    {
+        return false;
+    }
+    if !entry.version.is_well_formed() || entry.modified_by.len() > 128 {
+        return false;
+    }
     if entry.deleted {
         return true;
     }
@@ -1089,19 +1141,35 @@ fn write_remote(
     let live_local = local.filter(|l| !l.deleted);
     if remote.deleted {
         match live_local {
-            Some(l) if l.kind == FileKind::Directory => {
-                let _ = std::fs::remove_dir(&path);
-            }
-            Some(l) => {
-                if !crate::checkpoint::on_disk_matches(
-                    &path,
-                    &crate::store::ManifestEntry::from_entry(l),
-                ) {
-                    return Err(io(std::io::Error::other("changed on disk; kept")));
+            Some(l) if l.kind == FileKind::Directory => match std::fs::remove_dir(&path) {
+                // Still holds something the peer never had (ignored build
+                // output): it stays; at worst an empty directory comes back.
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                    tracing::info!(path = %remote.path, "deleted by a peer but not empty here; kept");
                 }
-                match std::fs::remove_file(&path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-                    _ => {}
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            },
+            Some(l) => {
+                // Moved aside first, then checked: a save that lands
+                // meanwhile either goes to a new file at `path` (kept) or
+                // into the moved file (which then goes back).
+                let aside =
+                    path.with_file_name(format!("{}del-{}", scan::TEMP_PREFIX, std::process::id()));
+                match std::fs::rename(&path, &aside) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(e)),
+                    Ok(()) => {
+                        if crate::checkpoint::on_disk_matches(
+                            &aside,
+                            &crate::store::ManifestEntry::from_entry(l),
+                        ) {
+                            std::fs::remove_file(&aside).map_err(io)?;
+                        } else {
+                            materialize::rename_noreplace(&aside, &path).map_err(io)?;
+                            return Err(io(std::io::Error::other("changed on disk; kept")));
+                        }
+                    }
                 }
             }
             None => {}
@@ -1146,20 +1214,22 @@ fn write_remote(
     Ok(None)
 }
 
-/// Renames our losing version to its conflict name (if it is still what the
-/// index says).
-fn move_aside(root: &Path, local: &FileEntry, conflict_path: &RelPath) {
+/// Renames our losing version to its conflict name, if it is still what
+/// the index says (a file saved meanwhile is not moved over).
+fn move_aside(root: &Path, local: &FileEntry, conflict_path: &RelPath) -> std::io::Result<()> {
     if local.deleted || local.kind == FileKind::Directory {
-        return;
+        return Ok(());
     }
-    let (Ok(from), Ok(to)) = (
-        materialize::resolve_inside(root, &local.path),
-        materialize::resolve_inside(root, conflict_path),
-    ) else {
-        return;
-    };
-    if let Err(e) = materialize::rename_noreplace(&from, &to) {
-        tracing::warn!("cannot keep our conflicting version as {conflict_path}: {e}");
+    let from = materialize::resolve_inside(root, &local.path).map_err(std::io::Error::other)?;
+    let to = materialize::resolve_inside(root, conflict_path).map_err(std::io::Error::other)?;
+    if !crate::checkpoint::on_disk_matches(&from, &crate::store::ManifestEntry::from_entry(local)) {
+        return Err(std::io::Error::other(
+            "changed on disk since it was indexed",
+        ));
+    }
+    match materialize::rename_noreplace(&from, &to) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 

@@ -66,10 +66,18 @@ pub fn conflict_path(loser: &FileEntry) -> RelPath {
         _ => (name, ""),
     };
     let device = device_prefix(&loser.modified_by);
-    let file = format!(
-        "{stem}.sync-conflict-{}-{device}{ext}",
-        utc_stamp(loser.mtime_ns)
-    );
+    let stamp = utc_stamp(loser.mtime_ns);
+    // Shorten the stem so the name stays within one component's limit.
+    let fixed = ".sync-conflict-".len() + stamp.len() + 1 + device.len() + ext.len();
+    let mut stem = stem;
+    while !stem.is_empty() && stem.len() + fixed > crate::path::COMPONENT_BYTES_MAX {
+        let mut cut = stem.len() - 1;
+        while !stem.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stem = &stem[..cut];
+    }
+    let file = format!("{stem}.sync-conflict-{stamp}-{device}{ext}");
     let joined = match loser.path.parent() {
         Some(parent) => format!("{parent}/{file}"),
         None => file,
@@ -224,6 +232,16 @@ mod tests {
                 conflict_path: None
             }
         );
+    }
+
+    #[test]
+    fn long_names_still_get_a_valid_conflict_name() {
+        let long = format!("{}.txt", "é".repeat(120));
+        let loser = entry(&long, "x", A, 0, &[(1, 1)]);
+        let copy = conflict_path(&loser);
+        assert_ne!(copy, loser.path);
+        assert!(copy.as_str().len() <= crate::path::COMPONENT_BYTES_MAX);
+        assert!(copy.as_str().ends_with(".txt"));
     }
 
     #[test]

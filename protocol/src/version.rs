@@ -86,6 +86,16 @@ impl VersionVector {
         }
     }
 
+    /// True for a vector a peer may send: sorted, no duplicates, a bounded
+    /// number of devices, and counters far from overflow.
+    pub fn is_well_formed(&self) -> bool {
+        const DEVICES_MAX: usize = 4096;
+        const COUNTER_MAX: u64 = 1 << 62;
+        self.0.len() <= DEVICES_MAX
+            && self.0.windows(2).all(|w| w[0].0 < w[1].0)
+            && self.0.iter().all(|(_, c)| *c > 0 && *c <= COUNTER_MAX)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (DeviceKey, u64)> + '_ {
         self.0.iter().copied()
     }

@@ -104,6 +104,12 @@ impl_from_redb!(
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+#[derive(Default)]
+struct Marks {
+    durable: std::collections::HashMap<u32, u64>,
+    pending: std::collections::HashMap<u32, u64>,
+}
+
 pub struct Store {
     db: Database,
     failed: AtomicBool,
@@ -114,6 +120,11 @@ pub struct Store {
     /// exclusively by whatever deletes chunks (GC, dropping a corrupt one).
     /// Without it, GC could delete a chunk a scan has just chosen to reuse.
     references: std::sync::RwLock<()>,
+    /// Per workspace, the next sequence number as of the last durable
+    /// commit, and as of non-durable commits since. Only durable entries are
+    /// served to peers: a crash rolls non-durable ones back, and their
+    /// sequence numbers would be handed out again.
+    marks: Mutex<Marks>,
 }
 
 /// Everything one scan batch commits at once.
@@ -165,8 +176,18 @@ impl Store {
             failed: AtomicBool::new(false),
             workspace_lock: Mutex::new(()),
             references: std::sync::RwLock::new(()),
+            marks: Mutex::new(Marks::default()),
         };
         store.init()?;
+        // Everything found at open is durable.
+        for (number, record) in store.workspaces()? {
+            store
+                .marks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .durable
+                .insert(number, record.next_sequence);
+        }
         Ok(store)
     }
 
@@ -209,6 +230,29 @@ impl Store {
         txn.set_durability(durability)
             .map_err(|e| StoreError::Record(e.to_string()))?;
         Ok(txn)
+    }
+
+    /// A durable commit makes every earlier non-durable one durable too.
+    fn commit_marked(
+        &self,
+        txn: redb::WriteTransaction,
+        durable: bool,
+        workspace_next: Option<(u32, u64)>,
+    ) -> Result<()> {
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        self.commit(txn)?;
+        if let Some((workspace, next)) = workspace_next {
+            let pending = marks.pending.entry(workspace).or_insert(0);
+            *pending = (*pending).max(next);
+        }
+        if durable {
+            let pending: Vec<(u32, u64)> = marks.pending.drain().collect();
+            for (workspace, next) in pending {
+                let mark = marks.durable.entry(workspace).or_insert(0);
+                *mark = (*mark).max(next);
+            }
+        }
+        Ok(())
     }
 
     fn commit(&self, txn: redb::WriteTransaction) -> Result<()> {
@@ -281,7 +325,7 @@ impl Store {
             number = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
             table.insert(number, records::encode(record).as_slice())?;
         }
-        self.commit(txn)?;
+        self.commit_marked(txn, true, Some((number, record.next_sequence)))?;
         Ok(number)
     }
 
@@ -412,7 +456,7 @@ impl Store {
     pub fn commit_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
         let txn = self.begin_write_with(Durability::None)?;
         insert_chunks(&txn, chunks)?;
-        self.commit(txn)
+        self.commit_marked(txn, false, None)
     }
 
     // ---- the file index ---------------------------------------------------
@@ -471,6 +515,7 @@ impl Store {
         } else {
             Durability::None
         })?;
+        let next_after;
         {
             insert_chunks(&txn, &batch.chunks)?;
             let mut files = txn.open_table(FILES)?;
@@ -503,8 +548,9 @@ impl Store {
             };
             record.next_sequence = record.next_sequence.max(next_sequence);
             workspaces.insert(workspace, records::encode(&record).as_slice())?;
+            next_after = record.next_sequence;
         }
-        self.commit(txn)
+        self.commit_marked(txn, durable, Some((workspace, next_after)))
     }
 
     // ---- checkpoints ------------------------------------------------------
@@ -559,20 +605,31 @@ impl Store {
         Ok(record)
     }
 
-    /// Index entries (tombstones too) changed after `since`, in sequence
-    /// order, at most `limit`; and whether more follow.
+    /// Durable index entries (tombstones too) changed after `since`, in
+    /// sequence order, at most `limit`; whether more follow; and the
+    /// sequence the answer covers up to (past gaps left by forgotten
+    /// entries, so a reader can acknowledge everything).
     pub fn changes_since(
         &self,
         workspace: u32,
         since: u64,
         limit: usize,
-    ) -> Result<(Vec<FileEntry>, bool)> {
+    ) -> Result<(Vec<FileEntry>, bool, u64)> {
+        // Read the mark first: what it covers is committed before the read.
+        let mark = self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .durable
+            .get(&workspace)
+            .copied()
+            .unwrap_or(1);
         let txn = self.db.begin_read()?;
         let sequences = txn.open_table(SEQUENCES)?;
         let files = txn.open_table(FILES)?;
         let mut out = Vec::new();
         let mut more = false;
-        for row in sequences.range((workspace, since.saturating_add(1))..(workspace + 1, 0))? {
+        for row in sequences.range((workspace, since.saturating_add(1))..(workspace, mark))? {
             if out.len() == limit {
                 more = true;
                 break;
@@ -583,7 +640,11 @@ impl Store {
                 out.push(file.entry);
             }
         }
-        Ok((out, more))
+        let covered = match (more, out.last()) {
+            (true, Some(last)) => last.sequence,
+            _ => mark.saturating_sub(1).max(since),
+        };
+        Ok((out, more, covered))
     }
 
     /// A chunk's stored form (codec byte and payload), verified first: a
