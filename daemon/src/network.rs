@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::EventLog;
 
+/// LAN devices remembered from mDNS at most.
+const DISCOVERED_PEERS_MAX: usize = 256;
 /// Connections kept to one peer at most (QUIC and TCP may both succeed).
 const CONNECTIONS_PER_PEER_MAX: u32 = 2;
 const CONNECTIONS_INCOMING_MAX: u32 = 128;
@@ -228,6 +230,7 @@ pub fn start(
         known: HashMap::new(),
         backoff: HashMap::new(),
         pending: HashMap::new(),
+        discovered: HashMap::new(),
         net_events,
     };
     for (peer, addrs) in trusted {
@@ -246,6 +249,9 @@ struct Node {
     known: HashMap<PeerId, Vec<Multiaddr>>,
     /// When each disconnected trusted peer is dialed next, and the delay after.
     backoff: HashMap<PeerId, (Instant, Duration)>,
+    /// Devices mDNS found on the LAN, trusted or not (never dialed unless
+    /// trusted): a device trusted later is then dialed at once.
+    discovered: HashMap<PeerId, Vec<Multiaddr>>,
     /// Outbound requests waiting for their answer.
     pending:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
@@ -291,8 +297,9 @@ impl Node {
 
     fn trust(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         self.swarm.behaviour_mut().allow.allow_peer(peer);
+        let lan = self.discovered.get(&peer).cloned().unwrap_or_default();
         let known = self.known.entry(peer).or_default();
-        for addr in addrs {
+        for addr in addrs.into_iter().chain(lan) {
             if !known.contains(&addr) {
                 known.push(addr);
             }
@@ -409,6 +416,14 @@ impl Node {
                 // mDNS reports every address of a peer: group them, dial once.
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in found {
+                    if self.discovered.len() < DISCOVERED_PEERS_MAX
+                        || self.discovered.contains_key(&peer)
+                    {
+                        let seen = self.discovered.entry(peer).or_default();
+                        if !seen.contains(&addr) && seen.len() < 16 {
+                            seen.push(addr.clone());
+                        }
+                    }
                     if self.known.contains_key(&peer) {
                         by_peer.entry(peer).or_default().push(addr);
                     }
@@ -423,6 +438,16 @@ impl Node {
                     if !self.is_connected(&peer) {
                         tracing::info!(%peer, "found a trusted device on the LAN");
                         self.dial(peer, addrs);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, addr) in gone {
+                    if let Some(seen) = self.discovered.get_mut(&peer) {
+                        seen.retain(|a| a != &addr);
+                        if seen.is_empty() {
+                            self.discovered.remove(&peer);
+                        }
                     }
                 }
             }

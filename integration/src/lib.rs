@@ -83,12 +83,29 @@ pub struct Device {
     pub paths: HomePaths,
     child: Option<Child>,
     extra_env: Vec<(String, String)>,
+    /// Run inside this network namespace (LAN tests), with mDNS on.
+    netns: Option<String>,
 }
 
 impl Device {
     /// Starts a daemon with a fresh home under `dir`.
     pub fn start(dir: &Path) -> Device {
         Device::start_with_env(dir, &[])
+    }
+
+    /// Starts a daemon inside network namespace `netns`, listening on all
+    /// of its interfaces with LAN discovery on.
+    pub fn start_in_netns(dir: &Path, netns: &str) -> Device {
+        let home = dir.join("home");
+        let mut device = Device {
+            paths: HomePaths::in_dir(&home),
+            home,
+            child: None,
+            extra_env: Vec::new(),
+            netns: Some(netns.to_owned()),
+        };
+        device.launch();
+        device
     }
 
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Device {
@@ -101,6 +118,7 @@ impl Device {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: None,
         };
         device.launch();
         device
@@ -113,14 +131,27 @@ impl Device {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut command = Command::new(bin());
-        command
-            .arg("daemon")
-            .arg("--home")
-            .arg(&self.home)
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns])
+                    .arg(bin())
+                    .arg("daemon")
+                    .args(["--listen", "/ip4/0.0.0.0/tcp/0"]);
+                c
+            }
             // Tests talk over loopback only, and never multicast on a real
             // interface; LAN tests make their own network namespaces.
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            None => {
+                let mut c = Command::new(bin());
+                c.arg("daemon")
+                    .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+                c
+            }
+        };
+        command
+            .arg("--home")
+            .arg(&self.home)
             .env(
                 "RUST_LOG",
                 std::env::var("MARIESYNC_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -557,6 +588,55 @@ pub fn list_files(root: &Path) -> Vec<String> {
         .filter(|(_, s)| s.kind == "file")
         .map(|(p, _)| p)
         .collect()
+}
+
+/// Two network namespaces joined by a veth pair (10.231.N.1 and .2/24):
+/// two hosts on one LAN. Removed when dropped.
+pub struct Lan {
+    pub names: [String; 2],
+}
+
+impl Lan {
+    pub fn new(tag: &str) -> Lan {
+        let id = std::process::id() % 100_000;
+        let names = [format!("ms-{tag}-a-{id}"), format!("ms-{tag}-b-{id}")];
+        let subnet = 1 + id % 250;
+        let run = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("running ip");
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        let (veth_a, veth_b) = (format!("v{id}a"), format!("v{id}b"));
+        let lan = Lan { names };
+        for name in &lan.names {
+            run(&["netns", "add", name]);
+            run(&["-n", name, "link", "set", "lo", "up"]);
+        }
+        run(&[
+            "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+        ]);
+        for (veth, name, host) in [(&veth_a, &lan.names[0], 1), (&veth_b, &lan.names[1], 2)] {
+            run(&["link", "set", veth, "netns", name]);
+            run(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("10.231.{subnet}.{host}/24"),
+                "dev",
+                veth,
+            ]);
+            run(&["-n", name, "link", "set", veth, "up", "multicast", "on"]);
+        }
+        lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
+    }
 }
 
 /// Root privileges, for tests that need them; prints why a test is skipped.
