@@ -1,0 +1,212 @@
+//! Two devices on loopback, release daemons: initial sync of a generated
+//! workspace (5,000 source files and 4 x 64 MiB binaries by default, the
+//! shape of ../shared/bench), catch-up after one mutation round, and the
+//! time from a save on A until B has the bytes, by the watcher alone and
+//! with the `touched` hint.
+//!
+//! ```sh
+//! cargo build --release --bin mariesync
+//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20]
+//! ```
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mariesync_benches::workspace_gen::{self, Spec};
+use mariesync_integration::{Device, tree_state, wait_until};
+use serde_json::{Value, json};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str, default: usize| -> usize {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (files, binaries, edits) = (
+        flag("--files", 5000),
+        flag("--binaries", 4),
+        flag("--edits", 20),
+    );
+    let bin = std::env::current_exe()?.with_file_name("mariesync");
+    // SAFETY: set before any thread that reads the environment starts.
+    unsafe { std::env::set_var("MARIESYNC_BIN", &bin) };
+
+    let work = tempfile::Builder::new()
+        .prefix("ms-sync-bench-")
+        .tempdir_in("/var/tmp")?;
+    let (dir_a, dir_b) = (work.path().join("a"), work.path().join("b"));
+    std::fs::create_dir_all(&dir_a)?;
+    std::fs::create_dir_all(&dir_b)?;
+    let root_a = dir_a.join("ws");
+    let root_b = dir_b.join("ws");
+    let spec = Spec {
+        files,
+        text_bytes: (files as u64) * 10_700,
+        binaries,
+        binary_bytes: 64 << 20,
+        seed: 42,
+    };
+    let bytes = workspace_gen::generate(&root_a, &spec, 4)?;
+    std::fs::create_dir_all(&root_b)?;
+    let _ = std::process::Command::new("sync").status();
+
+    let a = Device::start(&dir_a);
+    let b = Device::start(&dir_b);
+    let (id_a, id_b) = (a.device_id(), b.device_id());
+    a.cli_json(&["peer", "add", &id_b]);
+    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    a.wait_connected(&id_b);
+    b.wait_connected(&id_a);
+    let ws = a.add_workspace(&root_a, "bench");
+    a.flush(&ws);
+    let expected = tree_state(&root_a);
+    let cpu_b_before = cpu_seconds(b.pid());
+
+    // Initial sync: from sharing until B's tree is byte-identical.
+    let started = Instant::now();
+    b.ok(
+        "workspace.add",
+        json!({"path": root_b, "name": "bench", "id": ws}),
+    );
+    let want_files = expected.values().filter(|s| s.kind == "file").count() as u64;
+    wait_until(Duration::from_secs(600), "B to have every file", || {
+        let status = b.ok("status", json!({}));
+        (status["workspaces"][0]["files"].as_u64() == Some(want_files)).then_some(())
+    });
+    wait_until(Duration::from_secs(600), "B's tree to be identical", || {
+        (tree_state(&root_b) == expected).then_some(())
+    });
+    let initial = started.elapsed();
+    let cpu_b_initial = cpu_seconds(b.pid()) - cpu_b_before;
+
+    // Catch-up: one mutation round on A, until A's flush is acknowledged.
+    let listed = mariesync_integration::list_files(&root_a);
+    let mut rng = mariesync_integration::Rng::new(7);
+    for path in listed.iter().step_by(100).take(50) {
+        let mut content = std::fs::read(root_a.join(path))?;
+        content.extend_from_slice(b"\n// appended by the benchmark\n");
+        std::fs::write(root_a.join(path), content)?;
+    }
+    for i in 0..50 {
+        std::fs::write(
+            root_a.join(format!("src/bench-added-{i}.rs")),
+            mariesync_integration::text(&mut rng, 4000),
+        )?;
+    }
+    for path in listed.iter().skip(7).step_by(97).take(50) {
+        let _ = std::fs::remove_file(root_a.join(path));
+    }
+    for (i, path) in listed.iter().skip(13).step_by(89).take(20).enumerate() {
+        let _ = std::fs::rename(
+            root_a.join(path),
+            root_a.join(format!("src/bench-renamed-{i}.rs")),
+        );
+    }
+    let started = Instant::now();
+    a.flush(&ws);
+    let catch_up = started.elapsed();
+    let expected = tree_state(&root_a);
+    assert!(
+        tree_state(&root_b) == expected,
+        "B differs after the mutation round"
+    );
+
+    // Latency of one saved file: watcher only, then with the hint.
+    let target_a = root_a.join(&listed[1]);
+    let target_b = root_b.join(&listed[1]);
+    let mut watcher = Vec::new();
+    let mut hinted = Vec::new();
+    for i in 0..edits * 2 {
+        let mut content = std::fs::read(&target_a)?;
+        content.extend_from_slice(format!("// edit {i}\n").as_bytes());
+        let started = Instant::now();
+        std::fs::write(&target_a, &content)?;
+        let hint = i % 2 == 1;
+        if hint {
+            a.ok(
+                "workspace.touched",
+                json!({"workspace": ws, "paths": [target_a]}),
+            );
+        }
+        wait_until(Duration::from_secs(30), "B to have the edit", || {
+            (std::fs::read(&target_b).ok().as_deref() == Some(content.as_slice())).then_some(())
+        });
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if hint {
+            hinted.push(ms)
+        } else {
+            watcher.push(ms)
+        }
+    }
+    let result = json!({
+        "workspace_bytes": bytes,
+        "files": want_files,
+        "initial_sync_s": initial.as_secs_f64(),
+        "initial_sync_mib_per_s": bytes as f64 / (1024.0 * 1024.0) / initial.as_secs_f64(),
+        "receiver_cpu_s_initial": cpu_b_initial,
+        "catch_up_s": catch_up.as_secs_f64(),
+        "save_to_peer_watcher_ms": percentiles(&watcher),
+        "save_to_peer_touched_ms": percentiles(&hinted),
+        "peak_rss_mib": {"sender": peak_rss_mib(a.pid()), "receiver": peak_rss_mib(b.pid())},
+        "receiver_disk_bytes_per_workspace_byte": (du(&dir_b.join("home/mariesync.redb")) + du(&root_b)) as f64 / bytes as f64,
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+fn percentiles(samples: &[f64]) -> Value {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    json!({"p50": at(0.5), "p99": at(0.99), "samples": sorted.len()})
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
+        .unwrap_or(0.0)
+        / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Allocated bytes under a path.
+fn du(path: &Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-s", "-B1"])
+        .arg(path)
+        .output();
+    out.ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
