@@ -37,7 +37,14 @@ fn main() -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("ms-sync-bench-")
         .tempdir_in("/var/tmp")?;
-    let (dir_a, dir_b) = (work.path().join("a"), work.path().join("b"));
+    // --keep leaves the trees and the daemons' logs for a look afterwards.
+    let work_path = if args.iter().any(|a| a == "--keep") {
+        work.keep()
+    } else {
+        work.path().to_path_buf()
+    };
+    eprintln!("working in {}", work_path.display());
+    let (dir_a, dir_b) = (work_path.join("a"), work_path.join("b"));
     std::fs::create_dir_all(&dir_a)?;
     std::fs::create_dir_all(&dir_b)?;
     let root_a = dir_a.join("ws");
@@ -115,8 +122,13 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Latency of one saved file: watcher only, then with the hint.
-    let target_a = root_a.join(&listed[1]);
-    let target_b = root_b.join(&listed[1]);
+    // A source file, as an IDE saves them (not one of the binaries).
+    let small = listed
+        .iter()
+        .find(|p| p.starts_with("src/") && root_a.join(p).exists())
+        .expect("a source file");
+    let target_a = root_a.join(small);
+    let target_b = root_b.join(small);
     let mut watcher = Vec::new();
     let mut hinted = Vec::new();
     for i in 0..edits * 2 {
