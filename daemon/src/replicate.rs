@@ -100,6 +100,7 @@ impl Replicator {
         match request {
             Request::Hello { .. } => Response::Ack,
             Request::Changed { workspace, .. } => {
+                tracing::debug!(%peer, %workspace, "peer announced changes");
                 self.clone().pull(workspace, peer);
                 Response::Ack
             }
@@ -229,6 +230,7 @@ impl Replicator {
 
     async fn pull_once(&self, workspace: WorkspaceId, peer: PeerId) -> Result<(), String> {
         let progress_key = format!("progress/{workspace}/{peer}");
+        tracing::debug!(%peer, %workspace, "pulling");
         loop {
             let since = self
                 .daemon()?
@@ -250,6 +252,7 @@ impl Replicator {
                 Response::Error { message } => return Err(message),
                 other => return Err(format!("unexpected answer {other:?}")),
             };
+            tracing::debug!(%peer, %workspace, since, last_sequence, more, entries = entries.len(), "index page");
             if entries.len() > INDEX_ENTRIES_MAX
                 || last_sequence < since
                 || (more && last_sequence == since)

@@ -1105,3 +1105,58 @@ mod tests {
         assert!(store.verify().unwrap().corrupt.is_empty());
     }
 }
+
+#[cfg(test)]
+mod change_feed_tests {
+    use super::*;
+    use mariesync_protocol::{FileKind, VersionVector};
+
+    #[test]
+    fn durable_entries_are_served_in_sequence_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let record = WorkspaceRecord {
+            id: WorkspaceId([9; 16]),
+            name: "w".into(),
+            path: "/w".into(),
+            state: WorkspaceState::Active,
+            next_sequence: 1,
+            created_ms: 0,
+        };
+        let ws = store.add_workspace(&record).unwrap();
+        let entry = |path: &str, sequence: u64| IndexedFile {
+            entry: FileEntry {
+                path: RelPath::new(path).unwrap(),
+                kind: FileKind::Directory,
+                size: 0,
+                mtime_ns: 0,
+                executable: false,
+                content_hash: ChunkHash::of(b""),
+                chunks: vec![],
+                symlink_target: None,
+                deleted: false,
+                version: VersionVector::new(),
+                sequence,
+                modified_by: String::new(),
+            },
+            stat: None,
+        };
+        let batch = Batch {
+            upserts: vec![entry("a", 1), entry("b", 2)],
+            ..Default::default()
+        };
+        store.commit_batch(ws, &batch, 3, false).unwrap();
+        // Not durable yet: not served.
+        assert_eq!(store.changes_since(ws, 0, 10).unwrap().0.len(), 0);
+        store.commit_batch(ws, &Batch::default(), 3, true).unwrap();
+        let (entries, more, covered) = store.changes_since(ws, 0, 10).unwrap();
+        assert_eq!((entries.len(), more, covered), (2, false, 2));
+        let batch = Batch {
+            upserts: vec![entry("c", 3)],
+            ..Default::default()
+        };
+        store.commit_batch(ws, &batch, 4, true).unwrap();
+        let (entries, _, covered) = store.changes_since(ws, 2, 10).unwrap();
+        assert_eq!((entries.len(), covered), (1, 3));
+    }
+}
