@@ -127,11 +127,14 @@ impl Replicator {
                 })
                 .await;
                 match read {
-                    Ok(Ok((entries, more, last_sequence))) => Response::Index {
-                        entries,
-                        last_sequence,
-                        more,
-                    },
+                    Ok(Ok((entries, more, last_sequence))) => {
+                        tracing::debug!(%peer, %workspace, number, since, last_sequence, entries = entries.len(), "serving index entries");
+                        Response::Index {
+                            entries,
+                            last_sequence,
+                            more,
+                        }
+                    }
                     Ok(Err(e)) => Response::Error {
                         message: e.to_string(),
                     },

@@ -831,6 +831,7 @@ impl Worker {
                 .collect()
         });
         let mut touched_dirs = BTreeSet::new();
+        let mut received: Vec<(&str, Value)> = Vec::new();
         for remote in entries.into_iter().chain(dir_deletions) {
             if !valid_remote(&remote) {
                 tracing::warn!(path = %remote.path, "ignoring an invalid entry from a peer");
@@ -912,19 +913,19 @@ impl Worker {
                     {
                         touched_dirs.insert(parent.to_path_buf());
                     }
-                    self.context.events.publish(
+                    received.push((
                         event_kind::FILE_RECEIVED,
                         json!({"workspace_id": self.shared.id.to_string(), "path": entry.path.as_str(), "deleted": entry.deleted}),
-                    );
+                    ));
                     if let sync::Decision::Conflict {
                         conflict_path: Some(path),
                         ..
                     } = &decision
                     {
-                        self.context.events.publish(
+                        received.push((
                             event_kind::CONFLICT,
                             json!({"workspace_id": self.shared.id.to_string(), "path": entry.path.as_str(), "conflict_path": path.as_str()}),
-                        );
+                        ));
                     }
                     batch
                         .upserts
@@ -944,6 +945,11 @@ impl Worker {
         store
             .commit_batch(number, &batch, next, true)
             .map_err(store_err)?;
+        // Announced only once committed and durable: a peer told earlier
+        // would pull before the entries can be served, and not again.
+        for (kind, event) in received {
+            self.context.events.publish(kind, event);
+        }
         drop(references);
         if !batch.upserts.is_empty() {
             self.shared.update(|s| s.totals = None);

@@ -176,3 +176,51 @@ fn concurrent_edits_become_identical_conflict_copies() {
     assert_eq!(listed["conflicts"][0]["conflict_path"], copy.as_str());
     assert_eq!(b.cli_json(&["conflicts", "w"]), listed);
 }
+
+/// A chain A - B - C (A and C do not know each other): changes on either
+/// end reach the other through B; C, offline meanwhile, catches up.
+/// Regression: B announced entries it received before committing them, so
+/// C pulled too early, got nothing, and was never told again.
+#[test]
+fn three_devices_in_a_chain_converge() {
+    let dirs = [temp_dir(), temp_dir(), temp_dir()];
+    let a = Device::start(dirs[0].path());
+    let b = Device::start(dirs[1].path());
+    let mut c = Device::start(dirs[2].path());
+    let (id_a, id_b, id_c) = (a.device_id(), b.device_id(), c.device_id());
+    a.cli_json(&["peer", "add", &id_b]);
+    // C knows where B is, so it can call B again after its restart.
+    c.cli_json(&["peer", "add", &id_b, "--addr", &b.listen_addr()]);
+    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    b.cli_json(&["peer", "add", &id_c, "--addr", &c.listen_addr()]);
+    a.wait_connected(&id_b);
+    c.wait_connected(&id_b);
+    let roots: Vec<_> = dirs.iter().map(|d| d.path().join("ws")).collect();
+    generate_tree(&roots[0], 70, 150, 0, 0);
+    std::fs::create_dir_all(&roots[1]).unwrap();
+    std::fs::create_dir_all(&roots[2]).unwrap();
+    let ws = a.add_workspace(&roots[0], "w");
+    b.ok(
+        "workspace.add",
+        json!({"path": roots[1], "name": "w", "id": ws}),
+    );
+    c.ok(
+        "workspace.add",
+        json!({"path": roots[2], "name": "w", "id": ws}),
+    );
+    wait_same("C to get A's files through B", &roots[0], &roots[2]);
+
+    std::fs::write(roots[2].join("src/from-c.rs"), "fn c() {}\n").unwrap();
+    wait_same("A to get C's file through B", &roots[2], &roots[0]);
+
+    // C goes offline; A and B keep changing things; C returns and catches up.
+    c.stop();
+    std::fs::write(roots[0].join("src/from-a-while-c-away.rs"), "fn a() {}\n").unwrap();
+    std::fs::remove_file(roots[1].join("src/from-c.rs")).unwrap();
+    a.flush(&ws);
+    b.flush(&ws);
+    wait_same("A and B to agree", &roots[0], &roots[1]);
+    c.start_again();
+    wait_same("C to catch up", &roots[0], &roots[2]);
+    assert!(!roots[2].join("src/from-c.rs").exists());
+}
