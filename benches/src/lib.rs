@@ -1,4 +1,5 @@
 //! Benchmarks of MarieSync: a realistic workspace generator, and helpers
 //! shared by the criterion benches and the end-to-end benchmark.
 
+pub mod measure;
 pub mod workspace_gen;

@@ -415,24 +415,29 @@ impl Replicator {
         Ok(out)
     }
 
+    /// Sends `Changed` to one peer without waiting for its answer.
+    fn tell_changed(&self, peer: PeerId, workspace: WorkspaceId, sequence: u64) {
+        let network = self.network.clone();
+        tokio::spawn(async move {
+            let _ = network
+                .request(
+                    peer,
+                    Request::Changed {
+                        workspace,
+                        sequence,
+                    },
+                )
+                .await;
+        });
+    }
+
     /// Tells connected peers that `workspace` changed.
     pub fn announce(self: &Arc<Self>, workspace: WorkspaceId, sequence: u64) {
         let peers: Vec<PeerId> = self
             .network
             .snapshot(|s| s.connected.keys().copied().collect());
         for peer in peers {
-            let network = self.network.clone();
-            tokio::spawn(async move {
-                let _ = network
-                    .request(
-                        peer,
-                        Request::Changed {
-                            workspace,
-                            sequence,
-                        },
-                    )
-                    .await;
-            });
+            self.tell_changed(peer, workspace, sequence);
         }
     }
 
@@ -466,19 +471,7 @@ impl Replicator {
                 return Ok(());
             }
             for peer in &behind {
-                let network = self.network.clone();
-                let peer = *peer;
-                tokio::spawn(async move {
-                    let _ = network
-                        .request(
-                            peer,
-                            Request::Changed {
-                                workspace,
-                                sequence,
-                            },
-                        )
-                        .await;
-                });
+                self.tell_changed(*peer, workspace, sequence);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(RpcError::new(

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use mariesync_benches::measure;
 use mariesync_benches::workspace_gen::{self, Spec};
 use mariesync_ffi::{Client, HomePaths};
 use serde_json::{Value, json};
@@ -56,36 +57,13 @@ impl Daemon {
         Ok(started.elapsed())
     }
 
-    /// (current RSS, peak RSS) in MiB, from /proc.
+    /// (current RSS, peak RSS) in MiB.
     fn rss_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(|kib| kib / 1024.0)
-                .unwrap_or(0.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        measure::rss_mib(self.child.id())
     }
 
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields
-            .get(11..13)
-            .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-            .unwrap_or(0.0);
-        ticks / CLOCK_TICKS_PER_SECOND
+        measure::cpu_seconds(self.child.id())
     }
 
     fn stop(mut self) -> anyhow::Result<()> {
@@ -94,9 +72,6 @@ impl Daemon {
         Ok(())
     }
 }
-
-/// USER_HZ, which Linux fixes at 100 for /proc.
-const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// Time from a file's save to its `local_change` event: by the watcher
 /// alone, and with the IDE's `touched` hint (which answers once indexed).
@@ -135,18 +110,6 @@ fn save_latencies(
         daemon.call("flush", json!({"workspace": ws}))?;
     }
     Ok((watcher, touched))
-}
-
-fn percentiles(samples: &[f64]) -> Value {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| {
-        sorted
-            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    json!({"p50": at(0.5), "p99": at(0.99), "max": at(1.0), "samples": sorted.len()})
 }
 
 fn du_bytes(path: &Path) -> u64 {
@@ -277,8 +240,8 @@ fn main() -> anyhow::Result<()> {
         "flush_one_edit_ms": edit_flush.as_secs_f64() * 1000.0,
         "checkpoint_first_ms": first_checkpoint.as_secs_f64() * 1000.0,
         "checkpoint_unchanged_ms": unchanged_checkpoint.as_secs_f64() * 1000.0,
-        "save_to_indexed_watcher_ms": percentiles(&watcher_ms),
-        "save_to_indexed_touched_ms": percentiles(&touched_ms),
+        "save_to_indexed_watcher_ms": measure::percentiles(&watcher_ms),
+        "save_to_indexed_touched_ms": measure::percentiles(&touched_ms),
         "rss_idle_mib": rss_idle,
         "rss_peak_mib": peak,
         "rss_peak_cold_scan_mib": peak_cold,

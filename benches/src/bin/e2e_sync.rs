@@ -12,9 +12,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mariesync_benches::measure;
 use mariesync_benches::workspace_gen::{self, Spec};
 use mariesync_integration::{Device, tree_state, wait_until};
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -70,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     let ws = a.add_workspace(&root_a, "bench");
     a.flush(&ws);
     let expected = tree_state(&root_a);
-    let cpu_b_before = cpu_seconds(b.pid());
+    let cpu_b_before = measure::cpu_seconds(b.pid());
 
     // Initial sync: from sharing until B's tree is byte-identical.
     let started = Instant::now();
@@ -87,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         (tree_state(&root_b) == expected).then_some(())
     });
     let initial = started.elapsed();
-    let cpu_b_initial = cpu_seconds(b.pid()) - cpu_b_before;
+    let cpu_b_initial = measure::cpu_seconds(b.pid()) - cpu_b_before;
 
     // Catch-up: one mutation round on A, until A's flush is acknowledged.
     let listed = mariesync_integration::list_files(&root_a);
@@ -160,51 +161,13 @@ fn main() -> anyhow::Result<()> {
         "initial_sync_mib_per_s": bytes as f64 / (1024.0 * 1024.0) / initial.as_secs_f64(),
         "receiver_cpu_s_initial": cpu_b_initial,
         "catch_up_s": catch_up.as_secs_f64(),
-        "save_to_peer_watcher_ms": percentiles(&watcher),
-        "save_to_peer_touched_ms": percentiles(&hinted),
-        "peak_rss_mib": {"sender": peak_rss_mib(a.pid()), "receiver": peak_rss_mib(b.pid())},
+        "save_to_peer_watcher_ms": measure::percentiles(&watcher),
+        "save_to_peer_touched_ms": measure::percentiles(&hinted),
+        "peak_rss_mib": {"sender": measure::rss_mib(a.pid()).1, "receiver": measure::rss_mib(b.pid()).1},
         "receiver_disk_bytes_per_workspace_byte": (du(&dir_b.join("home/mariesync.redb")) + du(&root_b)) as f64 / bytes as f64,
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
-}
-
-fn percentiles(samples: &[f64]) -> Value {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| {
-        sorted
-            .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    json!({"p50": at(0.5), "p99": at(0.99), "samples": sorted.len()})
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
-        .unwrap_or(0.0)
-        / 100.0
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
 }
 
 /// Allocated bytes under a path.
