@@ -49,3 +49,21 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// Bytes under `path` as `du` counts them: the files' apparent sizes, or the
+/// blocks allocated on disk (what the disk really pays, sparse tails aside).
+pub fn du(path: &std::path::Path, apparent: bool) -> u64 {
+    let flags: &[&str] = if apparent { &["-sb"] } else { &["-s", "-B1"] };
+    std::process::Command::new("du")
+        .args(flags)
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -37,26 +37,44 @@ pub fn create(
         .workspace(workspace)?
         .map(|r| r.next_sequence)
         .unwrap_or(0);
-    if let Some(last) = store.checkpoints(workspace)?.pop()
-        && last.sequence == sequence
-    {
-        let (manifest, manifest_hash, files, bytes) = (
-            last.manifest.clone(),
-            last.manifest_hash,
+    // Unchanged since the newest checkpoint: share its manifest as is.
+    let last = store
+        .checkpoints(workspace)?
+        .pop()
+        .filter(|last| last.sequence == sequence);
+    let (new_chunks, files, bytes, manifest_hash, manifest) = match last {
+        Some(last) => (
+            Vec::new(),
             last.files,
             last.bytes,
-        );
-        return store.add_checkpoint(workspace, &[], |id| CheckpointRecord {
-            id,
-            created_ms,
-            message,
-            files,
-            bytes,
-            sequence,
-            manifest_hash,
-            manifest,
-        });
-    }
+            last.manifest_hash,
+            last.manifest,
+        ),
+        None => encode_manifest(store, workspace)?,
+    };
+    store.add_checkpoint(workspace, &new_chunks, |id| CheckpointRecord {
+        id,
+        created_ms,
+        message,
+        files,
+        bytes,
+        sequence,
+        manifest_hash,
+        manifest,
+    })
+}
+
+type EncodedManifest = (
+    Vec<EncodedChunk>,
+    u64,
+    u64,
+    ChunkHash,
+    Vec<mariesync_protocol::index::ChunkRef>,
+);
+
+/// The live index as manifest chunks: the ones the store lacks, the file
+/// count and bytes, the manifest's hash, and its chunk list.
+fn encode_manifest(store: &Store, workspace: u32) -> Result<EncodedManifest, StoreError> {
     let entries = live_manifest(store, workspace)?;
     let files = entries.iter().filter(|e| e.kind == FileKind::File).count() as u64;
     let bytes = entries.iter().map(|e| e.size).sum();
@@ -76,17 +94,7 @@ pub fn create(
             new_chunks.push(store::encode_chunk(hash, data));
         }
     }
-    drop(reader);
-    store.add_checkpoint(workspace, &new_chunks, |id| CheckpointRecord {
-        id,
-        created_ms,
-        message,
-        files,
-        bytes,
-        sequence,
-        manifest_hash,
-        manifest,
-    })
+    Ok((new_chunks, files, bytes, manifest_hash, manifest))
 }
 
 pub fn load(

@@ -112,19 +112,6 @@ fn save_latencies(
     Ok((watcher, touched))
 }
 
-fn du_bytes(path: &Path) -> u64 {
-    let output = Command::new("du").arg("-sb").arg(path).output();
-    output
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -181,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(tree.join(".complete"), b"")?;
         eprintln!("generated in {:.1?}", started.elapsed());
     }
-    let tree_bytes = du_bytes(&tree);
+    let tree_bytes = measure::du(&tree, true);
     let home = workdir.join("home");
     let _ = std::fs::remove_dir_all(&home);
     let _ = Command::new("sync").status();

@@ -9,7 +9,6 @@
 //! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20]
 //! ```
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mariesync_benches::measure;
@@ -164,24 +163,8 @@ fn main() -> anyhow::Result<()> {
         "save_to_peer_watcher_ms": measure::percentiles(&watcher),
         "save_to_peer_touched_ms": measure::percentiles(&hinted),
         "peak_rss_mib": {"sender": measure::rss_mib(a.pid()).1, "receiver": measure::rss_mib(b.pid()).1},
-        "receiver_disk_bytes_per_workspace_byte": (du(&dir_b.join("home/mariesync.redb")) + du(&root_b)) as f64 / bytes as f64,
+        "receiver_disk_bytes_per_workspace_byte": (measure::du(&dir_b.join("home/mariesync.redb"), false) + measure::du(&root_b, false)) as f64 / bytes as f64,
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
-}
-
-/// Allocated bytes under a path.
-fn du(path: &Path) -> u64 {
-    let out = std::process::Command::new("du")
-        .args(["-s", "-B1"])
-        .arg(path)
-        .output();
-    out.ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
