@@ -359,9 +359,15 @@ pub fn tree_state(root: &Path) -> TreeState {
     out
 }
 
+/// Walks `dir` into `out`. Tests poll trees that daemons are still
+/// changing: an entry that vanishes between being listed and being read is
+/// left out (the next poll sees the tree settled), never a panic.
 fn walk(root: &Path, dir: &Path, out: &mut TreeState) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries {
+        let Ok(entry) = entry else { continue };
         let name = entry.file_name().to_string_lossy().into_owned();
         if excluded(&name) {
             continue;
@@ -372,9 +378,13 @@ fn walk(root: &Path, dir: &Path, out: &mut TreeState) {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
         let state = if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&path).unwrap();
+            let Ok(target) = std::fs::read_link(&path) else {
+                continue;
+            };
             PathState {
                 kind: "symlink",
                 executable: false,
@@ -391,7 +401,9 @@ fn walk(root: &Path, dir: &Path, out: &mut TreeState) {
             }
         } else {
             use std::os::unix::fs::PermissionsExt;
-            let data = std::fs::read(&path).unwrap();
+            let Ok(data) = std::fs::read(&path) else {
+                continue;
+            };
             PathState {
                 kind: "file",
                 executable: meta.permissions().mode() & 0o111 != 0,
