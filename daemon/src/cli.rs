@@ -46,6 +46,34 @@ enum Command {
     /// Trust, list and forget other devices.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Offer a workspace to a trusted device with a role (owners only).
+    Share {
+        workspace: String,
+        device_id: String,
+        /// owner, editor or viewer.
+        #[arg(long, default_value = "editor")]
+        role: String,
+    },
+    /// Make a single-use ticket another device joins with.
+    Invite {
+        /// The workspace to invite into (owners only).
+        #[arg(required_unless_present = "device")]
+        workspace: Option<String>,
+        /// editor or viewer.
+        #[arg(long, default_value = "editor")]
+        role: String,
+        /// How long the ticket stays good (`30m`, `24h`, `7d`).
+        #[arg(long, default_value = "24h")]
+        expires: String,
+        /// Link another of your own devices instead (settings sync).
+        #[arg(long, conflicts_with = "workspace")]
+        device: bool,
+    },
+    /// Use a ticket: trust the inviter and sync the workspace into PATH.
+    Join {
+        ticket: String,
+        path: Option<PathBuf>,
+    },
     /// Tell the daemon these files were just saved.
     Touched {
         workspace: String,
@@ -288,6 +316,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 json!({"workspace": workspace, "paths": files}),
             )
         }
+        Command::Share {
+            workspace,
+            device_id,
+            role,
+        } => (
+            method::SHARE,
+            json!({"workspace": workspace, "device_id": device_id, "role": role}),
+        ),
+        Command::Invite {
+            workspace,
+            role,
+            expires,
+            device,
+        } => (
+            method::INVITE,
+            json!({"workspace": workspace, "role": role, "expires": expires, "device": device}),
+        ),
+        Command::Join { ticket, path } => {
+            let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
+            (method::JOIN, json!({"ticket": ticket, "path": path}))
+        }
         Command::Flush { workspace } => (method::FLUSH, json!({"workspace": workspace})),
         Command::Conflicts { workspace } => (method::CONFLICTS, json!({"workspace": workspace})),
         Command::Checkpoint(CheckpointCommand::Create { workspace, message }) => (
@@ -403,11 +452,17 @@ fn print_human(name: &str, result: &Value) {
     };
     let _ = match name {
         method::ID => writeln!(out, "{}", str_of(&result["device_id"])),
-        method::WORKSPACE_ADD => writeln!(
+        method::WORKSPACE_ADD | method::JOIN => writeln!(
             out,
             "added workspace {} at {}",
             str_of(&result["workspace_id"]),
             str_of(&result["path"])
+        ),
+        method::INVITE => writeln!(
+            out,
+            "{}\n(single use, good until {}; on the other device: mariesync join TICKET PATH)",
+            str_of(&result["ticket"]),
+            str_of(&result["expires"])
         ),
         method::STATUS | method::WORKSPACE_LIST => {
             if name == method::STATUS {

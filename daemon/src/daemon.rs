@@ -44,10 +44,12 @@ pub struct Daemon {
     pub device_id: String,
     pub device_key: DeviceKey,
     pub events: Arc<EventLog>,
+    /// Memberships, offers and tickets.
+    pub sharing: crate::sharing::Sharing,
     workspaces: Mutex<BTreeMap<u32, workspace::Handle>>,
     /// The libp2p node, once started.
-    network: std::sync::OnceLock<crate::network::Network>,
-    replicator: std::sync::OnceLock<Arc<crate::replicate::Replicator>>,
+    pub(crate) network: std::sync::OnceLock<crate::network::Network>,
+    pub(crate) replicator: std::sync::OnceLock<Arc<crate::replicate::Replicator>>,
     shutdown: watch::Sender<bool>,
     /// Set when chunks may have become unreferenced since the last GC.
     garbage: Arc<AtomicBool>,
@@ -100,8 +102,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     store.meta_put("event_epoch", Some(&epoch.to_le_bytes()))?;
     let events = Arc::new(EventLog::new(epoch << 32));
 
+    let ids: Vec<WorkspaceId> = store.workspaces()?.iter().map(|(_, r)| r.id).collect();
+    let sharing = crate::sharing::Sharing::load(
+        store.clone(),
+        identity.device_id.clone(),
+        events.clone(),
+        &ids,
+    )?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
+        sharing,
         paths: paths.clone(),
         store: store.clone(),
         device_key: DeviceKey::of_device_id(&identity.device_id),
@@ -158,10 +168,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         tracing::info!(device_id = %daemon.device_id, socket = %socket.display(), "mariesync daemon ready");
         let server = tokio::spawn(crate::ipc::serve(listener, daemon.clone(), shutdown_rx.clone()));
         let collector = tokio::spawn(collect_garbage_periodically(daemon.clone()));
+        let tickets = tokio::spawn(watch_tickets(daemon.clone()));
         wait_for_shutdown(shutdown_rx).await;
         tracing::info!("shutting down");
         let _ = daemon.shutdown.send(true);
         collector.abort();
+        tickets.abort();
         let _ = server.await;
         anyhow::Ok(())
     });
@@ -254,6 +266,24 @@ async fn collect_garbage_periodically(daemon: Arc<Daemon>) {
             Ok(Err(e)) => tracing::error!("garbage collection failed: {e}"),
             Err(e) => tracing::error!("garbage collection panicked: {e}"),
         }
+    }
+}
+
+/// Forgets old tickets, and keeps the gate open to unknown devices only
+/// while some are known.
+async fn watch_tickets(daemon: Arc<Daemon>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        interval.tick().await;
+        let this = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = workspace::now_ms();
+            if let Err(e) = this.sharing.prune_tickets(now) {
+                tracing::warn!("cannot prune old tickets: {e}");
+            }
+            this.update_gate();
+        })
+        .await;
     }
 }
 
@@ -451,6 +481,7 @@ impl Daemon {
                 let p: WorkspaceParams = parse_params(params)?;
                 self.job(&p.workspace, |reply| Job::Resume { reply }).await
             }
+            method::JOIN => self.join(parse_params(params)?).await,
             _ => {
                 let this = self.clone();
                 let method_name = method_name.to_owned();
@@ -615,6 +646,8 @@ impl Daemon {
                 let p: WorkspaceAddParams = parse_params(params)?;
                 self.add_workspace(p)
             }
+            method::SHARE => self.share(parse_params(params)?),
+            method::INVITE => self.invite(parse_params(params)?),
             method::WORKSPACE_REMOVE => {
                 let p: WorkspaceParams = parse_params(params)?;
                 let number = self.resolve(&p.workspace)?.number;
@@ -623,11 +656,15 @@ impl Daemon {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&number);
-                let id = handle.as_ref().map(|h| h.shared.id.to_string());
+                let id = handle.as_ref().map(|h| h.shared.id);
                 if let Some(handle) = handle {
                     handle.stop();
                 }
                 self.store.remove_workspace(number).map_err(store_err)?;
+                if let Some(id) = id {
+                    self.sharing.forget(id).map_err(store_err)?;
+                }
+                let id = id.map(|id| id.to_string());
                 self.events
                     .publish(event_kind::WORKSPACE_REMOVED, json!({ "workspace_id": id }));
                 self.garbage.store(true, Ordering::Relaxed);
@@ -780,9 +817,63 @@ impl Daemon {
     }
 
     fn add_workspace(self: &Arc<Self>, p: WorkspaceAddParams) -> Result<Value, RpcError> {
+        // A workspace ID means accepting an offer.
+        let (id, membership, offered_name) = match &p.id {
+            Some(id) => {
+                let id = id
+                    .parse::<WorkspaceId>()
+                    .map_err(|e| RpcError::new(ErrorCode::InvalidParams, e.to_string()))?;
+                let offer = self.sharing.offer(id).map_err(|e| store_rpc_error(&e))?;
+                match offer {
+                    Some(offer) => (id, offer.membership, Some(offer.name)),
+                    None if self.workspace_number(id).is_some() => {
+                        return Err(RpcError::new(
+                            ErrorCode::WorkspaceExists,
+                            format!("workspace {id} is already added here"),
+                        ));
+                    }
+                    None => {
+                        return Err(RpcError::new(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "no device offered workspace {id} to this one: ask an owner to run `mariesync share {id} {}`, or use `mariesync join TICKET`",
+                                self.device_id
+                            ),
+                        ));
+                    }
+                }
+            }
+            None => (
+                WorkspaceId::from_random(random_bytes()),
+                mariesync_protocol::membership::Membership::founded_by(&self.device_id),
+                None,
+            ),
+        };
+        // Accepting into a folder that does not exist yet makes it, as
+        // `join` does.
+        if offered_name.is_some() && !Path::new(&p.path).exists() {
+            std::fs::create_dir_all(&p.path).map_err(|e| {
+                RpcError::new(
+                    ErrorCode::InvalidPath,
+                    format!("cannot create {}: {e}", p.path),
+                )
+            })?;
+        }
+        let name = p.name.or(offered_name);
+        self.create_workspace(&p.path, name, id, membership)
+    }
+
+    /// Adds workspace `id` at `path` with `membership` and starts syncing it.
+    pub(crate) fn create_workspace(
+        self: &Arc<Self>,
+        path: &str,
+        name: Option<String>,
+        id: WorkspaceId,
+        membership: mariesync_protocol::membership::Membership,
+    ) -> Result<Value, RpcError> {
         let invalid = |m: String| RpcError::new(ErrorCode::InvalidPath, m);
-        let path = std::fs::canonicalize(&p.path)
-            .map_err(|e| invalid(format!("cannot use {}: {e}", p.path)))?;
+        let path =
+            std::fs::canonicalize(path).map_err(|e| invalid(format!("cannot use {path}: {e}")))?;
         if !path.is_dir() {
             return Err(invalid(format!("{} is not a directory", path.display())));
         }
@@ -799,7 +890,7 @@ impl Daemon {
                 home.display()
             )));
         }
-        let name = match p.name {
+        let name = match name {
             Some(name) if name.trim().is_empty() => {
                 return Err(RpcError::new(
                     ErrorCode::InvalidParams,
@@ -812,12 +903,6 @@ impl Daemon {
                 .and_then(|n| n.to_str())
                 .unwrap_or("workspace")
                 .to_owned(),
-        };
-        let id = match p.id {
-            Some(id) => id
-                .parse::<WorkspaceId>()
-                .map_err(|e| RpcError::new(ErrorCode::InvalidParams, e.to_string()))?,
-            None => WorkspaceId::from_random(random_bytes()),
         };
         for (_, existing) in self.store.workspaces().map_err(|e| store_rpc_error(&e))? {
             let existing_path = Path::new(&existing.path);
@@ -853,10 +938,22 @@ impl Daemon {
             next_sequence: 1,
             created_ms: workspace::now_ms(),
         };
-        let number = self
-            .store
-            .add_workspace(&record)
+        // Membership first: a crash before the workspace record leaves a
+        // stray membership (overwritten by the next add), never a workspace
+        // without one.
+        self.sharing
+            .set_new(id, membership)
             .map_err(|e| store_rpc_error(&e))?;
+        let number = match self.store.add_workspace(&record) {
+            Ok(number) => number,
+            Err(e) => {
+                let _ = self.sharing.forget(id);
+                return Err(store_rpc_error(&e));
+            }
+        };
+        if let Err(e) = self.sharing.drop_offer(id) {
+            tracing::warn!(%id, "cannot drop the accepted offer: {e}");
+        }
         self.start_worker(number, &record, false);
         self.events.publish(
             event_kind::WORKSPACE_ADDED,
@@ -872,6 +969,15 @@ impl Daemon {
             .values()
             .map(|h| h.shared.id)
             .collect()
+    }
+
+    pub fn workspace_name(&self, id: WorkspaceId) -> Option<String> {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|h| h.shared.id == id)
+            .map(|h| h.shared.name.clone())
     }
 
     pub fn workspace_number(&self, id: WorkspaceId) -> Option<u32> {
@@ -923,6 +1029,11 @@ impl Daemon {
                 v
             })
             .collect())
+    }
+
+    /// The workspace `text` names (ID or name): its number and ID.
+    pub(crate) fn resolve_workspace(&self, text: &str) -> Result<(u32, WorkspaceId), RpcError> {
+        self.resolve(text).map(|s| (s.number, s.id))
     }
 
     fn resolve(&self, workspace: &str) -> Result<Arc<workspace::Shared>, RpcError> {
@@ -988,6 +1099,29 @@ impl Daemon {
             if let Activity::Paused(reason) = &status.activity {
                 v["reason"] = reason.clone().into();
             }
+            let membership = self.sharing.membership(shared.id);
+            let role = membership.as_ref().and_then(|m| m.role(&self.device_id));
+            if let Some(role) = role {
+                v["role"] = role.as_str().into();
+            }
+            if let Some(membership) = membership {
+                v["members"] = membership
+                    .members
+                    .iter()
+                    .map(|(device, role)| json!({"device_id": device, "role": role.as_str()}))
+                    .collect();
+            }
+            if role == Some(mariesync_protocol::membership::Role::Viewer) {
+                // What a viewer changed stays here: say how much.
+                let local = self
+                    .store
+                    .files(shared.number, None)
+                    .map_err(|e| store_rpc_error(&e))?
+                    .iter()
+                    .filter(|f| f.entry.modified_by == self.device_id)
+                    .count();
+                v["local_changes"] = local.into();
+            }
             if detailed {
                 if status.activity == Activity::Scanning {
                     use std::sync::atomic::Ordering::Relaxed;
@@ -1018,6 +1152,19 @@ impl Daemon {
                 }
             }
             out.push(v);
+        }
+        for (id, offer) in self.sharing.offers().map_err(|e| store_rpc_error(&e))? {
+            out.push(json!({
+                "workspace_id": id.to_string(),
+                "name": offer.name,
+                "path": null,
+                "state": "offered",
+                "files": 0,
+                "bytes": 0,
+                "conflicts": 0,
+                "role": offer.membership.role(&self.device_id).map(|r| r.as_str()),
+                "offered_by": offer.from,
+            }));
         }
         Ok(out)
     }
@@ -1077,7 +1224,7 @@ fn random_bytes() -> [u8; 16] {
     out
 }
 
-fn format_time(ms: u64) -> String {
+pub(crate) fn format_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
 }

@@ -1,16 +1,21 @@
 //! The device's libp2p node: QUIC and TCP (noise, yamux), identify, ping,
 //! mDNS, and MarieSync's sync protocol.
 //!
-//! **Architecture Invariant:** an untrusted device never gets a message
-//! read. The allow-list behaviour comes first in [`Behaviour`] (hooks run in
-//! field order) and denies every connection with a peer that is not
-//! trusted, right after the handshake proves its key; mDNS only ever leads
-//! to dialing trusted devices.
+//! **Architecture Invariant:** an untrusted device never gets a sync message
+//! read. The gate comes first in [`Behaviour`] (hooks run in field order)
+//! and denies every connection with a device that is not trusted, right
+//! after the handshake proves its key, except while an invitation is
+//! outstanding: then a few unknown devices may connect, and on their
+//! connections only the join protocol (one small, size-limited message: a
+//! ticket's secret) is spoken; the sync protocol is not even negotiated
+//! ([`crate::gate::TrustedOnly`]). mDNS only ever leads to dialing trusted
+//! devices.
 //!
 //! One task owns the swarm; the rest of the daemon talks to it through
 //! [`Network`] (commands in, a shared snapshot of its state out).
 
 use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,14 +24,18 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, mdns,
-    noise, ping, request_response, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, mdns, noise, ping,
+    request_response, tcp, yamux,
 };
-use mariesync_protocol::wire::{self, PROTOCOL_VERSION, Request, Response, SYNC_PROTOCOL};
+use mariesync_protocol::wire::{
+    self, JOIN_FRAME_BYTES_MAX, JOIN_PROTOCOL, JoinRequest, JoinResponse, PROTOCOL_VERSION,
+    Request, Response, SYNC_PROTOCOL, WIRE_FRAME_BYTES_MAX,
+};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::EventLog;
+use crate::gate::{Gate, TrustedOnly};
 
 /// LAN devices remembered from mDNS at most.
 const DISCOVERED_PEERS_MAX: usize = 256;
@@ -40,19 +49,27 @@ const RECONNECT_LAST: Duration = Duration::from_secs(60);
 /// Connections to trusted peers stay open while idle.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A connection with an untrusted device (a joiner) is closed after this.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Addresses remembered per peer at most.
+const ADDRS_PER_PEER_MAX: usize = 16;
 
 pub const EVENT_PEER_CONNECTED: &str = "peer_connected";
 pub const EVENT_PEER_DISCONNECTED: &str = "peer_disconnected";
 
+type SyncCodec = FrameCodec<Request, Response, WIRE_FRAME_BYTES_MAX>;
+type JoinCodec = FrameCodec<JoinRequest, JoinResponse, JOIN_FRAME_BYTES_MAX>;
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     // Gatekeepers first.
-    allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    gate: Gate,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    sync: request_response::Behaviour<SyncCodec>,
+    sync: TrustedOnly<request_response::Behaviour<SyncCodec>>,
+    join: request_response::Behaviour<JoinCodec>,
 }
 
 pub struct Options {
@@ -96,6 +113,23 @@ pub enum Command {
         channel: request_response::ResponseChannel<Response>,
         response: Response,
     },
+    /// Whether unknown devices may connect to present a ticket.
+    AdmitGuests(bool),
+    /// Presents a ticket's secret to `peer` (which must be trusted here).
+    Join {
+        peer: PeerId,
+        request: JoinRequest,
+        reply: oneshot::Sender<Result<JoinResponse, String>>,
+    },
+    JoinRespond {
+        channel: request_response::ResponseChannel<JoinResponse>,
+        response: JoinResponse,
+    },
+    /// Closes the connections with `peer` and dials it again at once (after
+    /// a join, so that the other side admits us fully).
+    Redial {
+        peer: PeerId,
+    },
 }
 
 /// What the node hands to the daemon.
@@ -107,6 +141,17 @@ pub enum NetEvent {
         peer: PeerId,
         request: Request,
         channel: request_response::ResponseChannel<Response>,
+    },
+    /// A device presents a ticket; answer with [`Command::JoinRespond`].
+    JoinRequest {
+        peer: PeerId,
+        request: JoinRequest,
+        channel: request_response::ResponseChannel<JoinResponse>,
+    },
+    /// Where a trusted peer says it listens (to be remembered).
+    Addresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
     },
 }
 
@@ -137,6 +182,33 @@ impl Network {
         answer
             .await
             .map_err(|_| "the network task is gone".to_string())?
+    }
+
+    /// Presents a ticket to `peer` and waits for its answer.
+    pub async fn join(&self, peer: PeerId, request: JoinRequest) -> Result<JoinResponse, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Join {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| "the network task is gone".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the network task is gone".to_string())?
+    }
+
+    pub async fn respond_join(
+        &self,
+        channel: request_response::ResponseChannel<JoinResponse>,
+        response: JoinResponse,
+    ) {
+        let _ = self
+            .commands
+            .send(Command::JoinRespond { channel, response })
+            .await;
     }
 
     pub async fn respond(
@@ -189,7 +261,7 @@ pub fn start(
                 None
             };
             Ok(Behaviour {
-                allow: allow_block_list::Behaviour::default(),
+                gate: Gate::default(),
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX))
@@ -203,13 +275,21 @@ pub fn start(
                 )),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
-                sync: request_response::Behaviour::with_codec(
-                    SyncCodec,
+                sync: TrustedOnly::new(request_response::Behaviour::with_codec(
+                    SyncCodec::default(),
                     [(
                         StreamProtocol::new(SYNC_PROTOCOL),
                         request_response::ProtocolSupport::Full,
                     )],
                     request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                )),
+                join: request_response::Behaviour::with_codec(
+                    JoinCodec::default(),
+                    [(
+                        StreamProtocol::new(JOIN_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default().with_request_timeout(GUEST_TIMEOUT),
                 ),
             })
         })?
@@ -230,6 +310,8 @@ pub fn start(
         known: HashMap::new(),
         backoff: HashMap::new(),
         pending: HashMap::new(),
+        pending_joins: HashMap::new(),
+        guests: HashMap::new(),
         discovered: HashMap::new(),
         net_events,
     };
@@ -255,6 +337,10 @@ struct Node {
     /// Outbound requests waiting for their answer.
     pending:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
+    pending_joins:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<JoinResponse, String>>>,
+    /// Untrusted devices connected to present a ticket, and since when.
+    guests: HashMap<PeerId, Instant>,
     net_events: mpsc::Sender<NetEvent>,
 }
 
@@ -273,15 +359,32 @@ impl Node {
                     Some(Command::Trust { peer, addrs }) => self.trust(peer, addrs),
                                         Some(Command::Distrust { peer }) => self.distrust(peer),
                     Some(Command::Request { peer, request, reply }) => {
-                        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                        let id = self.swarm.behaviour_mut().sync.inner.send_request(&peer, request);
                         self.pending.insert(id, reply);
                     }
                     Some(Command::Respond { channel, response }) => {
-                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, response);
+                        let _ = self.swarm.behaviour_mut().sync.inner.send_response(channel, response);
+                    }
+                    Some(Command::AdmitGuests(admit)) => {
+                        self.swarm.behaviour_mut().gate.admit_guests(admit);
+                    }
+                    Some(Command::Join { peer, request, reply }) => {
+                        let id = self.swarm.behaviour_mut().join.send_request(&peer, request);
+                        self.pending_joins.insert(id, reply);
+                    }
+                    Some(Command::JoinRespond { channel, response }) => {
+                        let _ = self.swarm.behaviour_mut().join.send_response(channel, response);
+                    }
+                    Some(Command::Redial { peer }) => {
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                        self.backoff.insert(peer, (Instant::now(), RECONNECT_FIRST));
                     }
                     None => return,
                 },
-                _ = tick.tick() => self.reconnect(),
+                _ = tick.tick() => {
+                    self.reconnect();
+                    self.close_stale_guests();
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -295,8 +398,33 @@ impl Node {
         self.swarm.is_connected(peer)
     }
 
+    fn set_trusted(&mut self, peer: PeerId, trusted: bool) {
+        let behaviour = self.swarm.behaviour_mut();
+        behaviour.gate.set_trusted(peer, trusted);
+        behaviour.sync.set_trusted(peer, trusted);
+    }
+
+    fn is_trusted(&self, peer: &PeerId) -> bool {
+        self.swarm.behaviour().gate.is_trusted(peer)
+    }
+
+    fn close_stale_guests(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<PeerId> = self
+            .guests
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) > GUEST_TIMEOUT)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in stale {
+            tracing::debug!(%peer, "closing a guest connection that outstayed its welcome");
+            self.guests.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn trust(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        self.swarm.behaviour_mut().allow.allow_peer(peer);
+        self.set_trusted(peer, true);
         let lan = self.discovered.get(&peer).cloned().unwrap_or_default();
         let known = self.known.entry(peer).or_default();
         for addr in addrs.into_iter().chain(lan) {
@@ -309,7 +437,7 @@ impl Node {
     }
 
     fn distrust(&mut self, peer: PeerId) {
-        self.swarm.behaviour_mut().allow.disallow_peer(peer);
+        self.set_trusted(peer, false);
         let _ = self.swarm.disconnect_peer_id(peer);
         self.known.remove(&peer);
         self.backoff.remove(&peer);
@@ -359,6 +487,15 @@ impl Node {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.update(|s| s.listen_addrs.retain(|a| a != &address));
             }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if !self.is_trusted(&peer_id) => {
+                tracing::info!(peer = %peer_id, "an untrusted device connected to present a ticket");
+                self.guests.entry(peer_id).or_insert_with(Instant::now);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if self.guests.remove(&peer_id).is_some() => {}
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
@@ -383,6 +520,7 @@ impl Node {
                 self.swarm
                     .behaviour_mut()
                     .sync
+                    .inner
                     .send_request(&peer_id, hello);
                 let _ = self.net_events.try_send(NetEvent::PeerUp(peer_id));
             }
@@ -456,16 +594,26 @@ impl Node {
                 info,
                 ..
             })) => {
-                // Remember where a trusted peer listens, to call it back.
+                // Remember where a trusted peer listens, to call it back,
+                // here and across restarts.
                 if let Some(known) = self.known.get_mut(&peer_id) {
+                    let mut learned = Vec::new();
                     for addr in info.listen_addrs {
-                        if !known.contains(&addr) && known.len() < 16 {
-                            known.push(addr);
+                        if !known.contains(&addr) && known.len() < ADDRS_PER_PEER_MAX {
+                            known.push(addr.clone());
+                            learned.push(addr);
                         }
+                    }
+                    if !learned.is_empty() {
+                        let _ = self.net_events.try_send(NetEvent::Addresses {
+                            peer: peer_id,
+                            addrs: learned,
+                        });
                     }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Join(event)) => self.on_join_event(event),
             _ => {}
         }
     }
@@ -511,8 +659,12 @@ impl Node {
                                 let busy = Response::Error {
                                     message: "busy; try again".into(),
                                 };
-                                let _ =
-                                    self.swarm.behaviour_mut().sync.send_response(channel, busy);
+                                let _ = self
+                                    .swarm
+                                    .behaviour_mut()
+                                    .sync
+                                    .inner
+                                    .send_response(channel, busy);
                             }
                             return;
                         }
@@ -521,6 +673,7 @@ impl Node {
                         .swarm
                         .behaviour_mut()
                         .sync
+                        .inner
                         .send_response(channel, response);
                 }
                 request_response::Message::Response {
@@ -558,18 +711,75 @@ impl Node {
     }
 }
 
-/// Length-prefixed postcard frames with a size limit checked before reading.
-#[derive(Clone, Default)]
-pub struct SyncCodec;
+impl Node {
+    fn on_join_event(&mut self, event: request_response::Event<JoinRequest, JoinResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    if let Err(mpsc::error::TrySendError::Full(NetEvent::JoinRequest {
+                        channel,
+                        ..
+                    })) = self.net_events.try_send(NetEvent::JoinRequest {
+                        peer,
+                        request,
+                        channel,
+                    }) {
+                        let busy = JoinResponse::Refused {
+                            message: "the inviting device is busy; try again".into(),
+                        };
+                        let _ = self.swarm.behaviour_mut().join.send_response(channel, busy);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_joins.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_joins.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound join message failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
 
-async fn read_frame<T, M>(io: &mut T) -> std::io::Result<M>
+/// Length-prefixed postcard frames of requests `Q` and responses `A`, at
+/// most `MAX` bytes each, checked before a body is read.
+pub struct FrameCodec<Q, A, const MAX: usize>(PhantomData<fn() -> (Q, A)>);
+
+impl<Q, A, const MAX: usize> Default for FrameCodec<Q, A, MAX> {
+    fn default() -> Self {
+        FrameCodec(PhantomData)
+    }
+}
+
+impl<Q, A, const MAX: usize> Clone for FrameCodec<Q, A, MAX> {
+    fn clone(&self) -> Self {
+        FrameCodec(PhantomData)
+    }
+}
+
+async fn read_frame<T, M>(io: &mut T, max: usize) -> std::io::Result<M>
 where
     T: futures::AsyncRead + Unpin + Send,
     M: for<'de> serde::Deserialize<'de>,
 {
     let mut prefix = [0u8; 4];
     io.read_exact(&mut prefix).await?;
-    let len = wire::check_length(prefix)
+    let len = wire::check_length(prefix, max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     // Grown as bytes arrive, not allocated up front: a peer announcing 8 MiB
     // and trickling bytes holds no more memory than it sent.
@@ -595,34 +805,34 @@ where
     io.flush().await
 }
 
-impl request_response::Codec for SyncCodec {
+impl<Q, A, const MAX: usize> request_response::Codec for FrameCodec<Q, A, MAX>
+where
+    Q: serde::Serialize + for<'de> serde::Deserialize<'de> + Send + Sync + 'static,
+    A: serde::Serialize + for<'de> serde::Deserialize<'de> + Send + Sync + 'static,
+{
     type Protocol = StreamProtocol;
-    type Request = Request;
-    type Response = Response;
+    type Request = Q;
+    type Response = A;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Request>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Q>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        read_frame(io, MAX).await
     }
 
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<Response>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<A>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_frame(io).await
+        read_frame(io, MAX).await
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: Request,
+        request: Q,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
@@ -634,7 +844,7 @@ impl request_response::Codec for SyncCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        response: Response,
+        response: A,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,

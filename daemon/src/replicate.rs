@@ -10,15 +10,23 @@
 //!
 //! Asking for entries after `since` acknowledges everything up to `since`;
 //! `flush` waits for those acknowledgements.
+//!
+//! **Architecture Invariant:** roles are enforced by the receiver. A peer is
+//! served a workspace only if it is a member; entries are pulled only from
+//! members that may write (owners and editors), and an entry last changed by
+//! a viewer is refused whoever relays it. Only owners change membership
+//! (`protocol::membership`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
-use mariesync_protocol::ipc::{ErrorCode, RpcError};
+use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
+use mariesync_protocol::membership::Role;
 use mariesync_protocol::wire::{
-    CHUNK_REQUEST_MAX, CHUNK_RESPONSE_BYTES_MAX, INDEX_ENTRIES_MAX, Request, Response,
+    CHUNK_REQUEST_MAX, CHUNK_RESPONSE_BYTES_MAX, INDEX_ENTRIES_MAX, JoinRequest, JoinResponse,
+    Request, Response,
 };
 use mariesync_protocol::{ChunkHash, FileEntry, WorkspaceId};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -70,9 +78,30 @@ impl Replicator {
             match event {
                 NetEvent::PeerUp(peer) => {
                     let Ok(daemon) = self.daemon() else { return };
-                    for workspace in daemon.workspace_ids() {
+                    for (workspace, _) in daemon.sharing.shared_with(&peer.to_string()) {
+                        // Owners bring members up to date (and repeat offers
+                        // the peer has not accepted yet).
+                        if daemon.sharing.my_role(workspace) == Some(Role::Owner) {
+                            self.send_membership(&daemon, workspace, peer);
+                        }
                         self.clone().pull(workspace, peer);
                     }
+                }
+                NetEvent::JoinRequest {
+                    peer,
+                    request,
+                    channel,
+                } => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let response = this.serve_join(peer, request).await;
+                        this.network.respond_join(channel, response).await;
+                    });
+                }
+                NetEvent::Addresses { peer, addrs } => {
+                    let Ok(daemon) = self.daemon() else { return };
+                    let _ = tokio::task::spawn_blocking(move || daemon.remember_addrs(peer, addrs))
+                        .await;
                 }
                 NetEvent::PeerDown(peer) => {
                     self.acks
@@ -97,19 +126,66 @@ impl Replicator {
     }
 
     async fn serve(self: &Arc<Self>, peer: PeerId, request: Request) -> Response {
+        let Ok(daemon) = self.daemon() else {
+            return Response::Error {
+                message: "shutting down".into(),
+            };
+        };
+        let refused = |workspace: WorkspaceId| Response::Error {
+            message: format!("workspace {workspace} is not shared with {peer}"),
+        };
         match request {
             Request::Hello { .. } => Response::Ack,
+            Request::Membership {
+                workspace,
+                name,
+                membership,
+            } => {
+                let sharing = &daemon.sharing;
+                match sharing.receive(
+                    &peer.to_string(),
+                    workspace,
+                    &name,
+                    membership,
+                    crate::workspace::now_ms(),
+                ) {
+                    Ok(received) => {
+                        tracing::debug!(%peer, %workspace, ?received, "membership from a peer");
+                        if received == crate::sharing::Received::Updated {
+                            // Someone may have been added: pull from them.
+                            self.pull_all(&daemon, workspace);
+                        }
+                        Response::Ack
+                    }
+                    Err(message) => {
+                        tracing::warn!(%peer, %workspace, "membership refused: {message}");
+                        Response::Error { message }
+                    }
+                }
+            }
             Request::Changed { workspace, .. } => {
                 tracing::debug!(%peer, %workspace, "peer announced changes");
-                self.clone().pull(workspace, peer);
+                match daemon.sharing.role(workspace, &peer.to_string()) {
+                    Some(role) if role.can_write() => self.clone().pull(workspace, peer),
+                    Some(role) => {
+                        tracing::info!(%peer, %workspace, "not accepting changes from a {role}");
+                        daemon.events.publish(
+                            event_kind::CHANGES_REFUSED,
+                            serde_json::json!({
+                                "workspace_id": workspace.to_string(),
+                                "device_id": peer.to_string(),
+                                "reason": format!("the device is a {role} of this workspace"),
+                            }),
+                        );
+                    }
+                    None => return refused(workspace),
+                }
                 Response::Ack
             }
             Request::IndexSince { workspace, since } => {
-                let Ok(daemon) = self.daemon() else {
-                    return Response::Error {
-                        message: "shutting down".into(),
-                    };
-                };
+                if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
+                    return refused(workspace);
+                }
                 let Some(number) = daemon.workspace_number(workspace) else {
                     return Response::Error {
                         message: format!("workspace {workspace} is not shared here"),
@@ -143,17 +219,15 @@ impl Replicator {
                     },
                 }
             }
-            Request::Chunks { hashes } => {
+            Request::Chunks { workspace, hashes } => {
                 if hashes.len() > CHUNK_REQUEST_MAX {
                     return Response::Error {
                         message: format!("at most {CHUNK_REQUEST_MAX} chunks per request"),
                     };
                 }
-                let Ok(daemon) = self.daemon() else {
-                    return Response::Error {
-                        message: "shutting down".into(),
-                    };
-                };
+                if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
+                    return refused(workspace);
+                }
                 let store = daemon.store.clone();
                 let read = tokio::task::spawn_blocking(
                     move || -> Result<Vec<(ChunkHash, Vec<u8>)>, String> {
@@ -188,14 +262,88 @@ impl Replicator {
         }
     }
 
+    /// A device presents a ticket.
+    async fn serve_join(&self, peer: PeerId, request: JoinRequest) -> JoinResponse {
+        let refuse = |message: String| JoinResponse::Refused { message };
+        let Ok(daemon) = self.daemon() else {
+            return refuse("the inviting device is shutting down".into());
+        };
+        let name: String = request.device_name.chars().take(255).collect();
+        let answer =
+            tokio::task::spawn_blocking(move || daemon.admit_joiner(peer, &request.secret, &name))
+                .await;
+        match answer {
+            Ok(Ok(response)) => response,
+            Ok(Err(message)) => {
+                tracing::info!(%peer, "refused a ticket: {message}");
+                refuse(message)
+            }
+            Err(e) => refuse(e.to_string()),
+        }
+    }
+
+    /// Sends `workspace`'s membership to `peer` (which may not have the
+    /// workspace yet: then it is an offer).
+    pub fn send_membership(&self, daemon: &Daemon, workspace: WorkspaceId, peer: PeerId) {
+        let (Some(membership), Some(name)) = (
+            daemon.sharing.membership(workspace),
+            daemon.workspace_name(workspace),
+        ) else {
+            return;
+        };
+        let network = self.network.clone();
+        tokio::spawn(async move {
+            let request = Request::Membership {
+                workspace,
+                name,
+                membership,
+            };
+            if let Ok(Response::Error { message }) = network.request(peer, request).await {
+                tracing::warn!(%peer, %workspace, "the peer refused our membership: {message}");
+            }
+        });
+    }
+
+    /// Sends `workspace`'s membership to every connected peer it names.
+    pub fn push_membership(&self, daemon: &Daemon, workspace: WorkspaceId) {
+        let Some(membership) = daemon.sharing.membership(workspace) else {
+            return;
+        };
+        let connected: Vec<PeerId> = self
+            .network
+            .snapshot(|s| s.connected.keys().copied().collect());
+        for peer in connected {
+            if membership.role(&peer.to_string()).is_some() {
+                self.send_membership(daemon, workspace, peer);
+            }
+        }
+    }
+
+    /// Pulls `workspace` from every connected member that may write.
+    fn pull_all(self: &Arc<Self>, daemon: &Daemon, workspace: WorkspaceId) {
+        let connected: Vec<PeerId> = self
+            .network
+            .snapshot(|s| s.connected.keys().copied().collect());
+        for peer in connected {
+            if daemon
+                .sharing
+                .role(workspace, &peer.to_string())
+                .is_some_and(Role::can_write)
+            {
+                self.clone().pull(workspace, peer);
+            }
+        }
+    }
+
     /// Starts pulling `workspace` from `peer`, or asks the running pull to
-    /// go round once more.
+    /// go round once more. Only members that may write are pulled from.
     pub fn pull(self: Arc<Self>, workspace: WorkspaceId, peer: PeerId) {
-        if self
-            .daemon()
-            .ok()
-            .and_then(|d| d.workspace_number(workspace))
-            .is_none()
+        let Ok(daemon) = self.daemon() else { return };
+        if daemon.workspace_number(workspace).is_none()
+            || !daemon
+                .sharing
+                .role(workspace, &peer.to_string())
+                .is_some_and(Role::can_write)
         {
             return;
         }
@@ -299,6 +447,15 @@ impl Replicator {
         peer: PeerId,
         entries: Vec<FileEntry>,
     ) -> Result<Option<u64>, String> {
+        // A viewer's changes are never accepted, whoever relays them.
+        let daemon = self.daemon()?;
+        let (entries, refused): (Vec<FileEntry>, Vec<FileEntry>) = entries
+            .into_iter()
+            .partition(|e| daemon.sharing.role(workspace, &e.modified_by) != Some(Role::Viewer));
+        if !refused.is_empty() {
+            tracing::warn!(%peer, %workspace, count = refused.len(), "refused entries last changed by a viewer");
+        }
+        drop(daemon);
         let mut first_failed: Option<u64> = None;
         let mut group: Vec<FileEntry> = Vec::new();
         let mut group_bytes = 0u64;
@@ -313,7 +470,7 @@ impl Replicator {
                         reply,
                     })
                     .await?;
-                let chunks = self.fetch(peer, &missing).await?;
+                let chunks = self.fetch(peer, workspace, &missing).await?;
                 let entries = std::mem::take(&mut group);
                 let (reply, answer) = oneshot::channel();
                 self.daemon()?
@@ -358,6 +515,7 @@ impl Replicator {
     async fn fetch(
         &self,
         peer: PeerId,
+        workspace: WorkspaceId,
         wanted: &[mariesync_protocol::index::ChunkRef],
     ) -> Result<Vec<EncodedChunk>, String> {
         let mut out = Vec::with_capacity(wanted.len());
@@ -373,6 +531,7 @@ impl Replicator {
                 .request(
                     peer,
                     Request::Chunks {
+                        workspace,
                         hashes: ask.clone(),
                     },
                 )
@@ -431,13 +590,22 @@ impl Replicator {
         });
     }
 
-    /// Tells connected peers that `workspace` changed.
+    /// Tells connected members that `workspace` changed.
     pub fn announce(self: &Arc<Self>, workspace: WorkspaceId, sequence: u64) {
+        let Some(membership) = self
+            .daemon()
+            .ok()
+            .and_then(|d| d.sharing.membership(workspace))
+        else {
+            return;
+        };
         let peers: Vec<PeerId> = self
             .network
             .snapshot(|s| s.connected.keys().copied().collect());
         for peer in peers {
-            self.tell_changed(peer, workspace, sequence);
+            if membership.role(&peer.to_string()).is_some() {
+                self.tell_changed(peer, workspace, sequence);
+            }
         }
     }
 

@@ -281,6 +281,27 @@ impl Device {
         result["workspace_id"].as_str().unwrap().to_owned()
     }
 
+    /// `self`, an owner of `workspace`, shares it with `other` as `role`
+    /// (`share`); `other` accepts the offer into `path` (`workspace add
+    /// --id`).
+    pub fn share_with(&self, other: &Device, workspace: &str, role: &str, path: &Path) {
+        self.cli_json(&["share", workspace, &other.device_id(), "--role", role]);
+        other.accept_offer(workspace, path);
+    }
+
+    /// Waits for an offer of `workspace` and accepts it into `path`.
+    pub fn accept_offer(&self, workspace: &str, path: &Path) {
+        wait_until(Duration::from_secs(30), "the offer to arrive", || {
+            self.ok("workspace.list", json!({}))["workspaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["workspace_id"] == workspace && w["state"] == "offered")
+                .then_some(())
+        });
+        self.ok("workspace.add", json!({"path": path, "id": workspace}));
+    }
+
     pub fn flush(&self, workspace: &str) {
         self.ok("flush", json!({ "workspace": workspace }));
     }

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use mariesync_integration::*;
-use serde_json::json;
 
 #[test]
 fn devices_on_a_lan_discover_each_other_and_sync() {
@@ -39,10 +38,7 @@ fn devices_on_a_lan_discover_each_other_and_sync() {
     generate_tree(&root_a, 60, 100, 0, 0);
     std::fs::create_dir_all(&root_b).unwrap();
     let ws = a.add_workspace(&root_a, "w");
-    b.ok(
-        "workspace.add",
-        json!({"path": root_b, "name": "w", "id": ws}),
-    );
+    a.share_with(&b, &ws, "editor", &root_b);
     wait_until(
         Duration::from_secs(60),
         "the workspace to sync over the LAN",

@@ -32,10 +32,7 @@ fn two_devices_converge_through_edits_on_both_sides() {
     std::fs::create_dir_all(&root_b).unwrap();
     let ws = a.add_workspace(&root_a, "w");
     a.flush(&ws);
-    b.ok(
-        "workspace.add",
-        json!({"path": root_b, "name": "w", "id": ws}),
-    );
+    a.share_with(&b, &ws, "editor", &root_b);
     wait_same("the initial sync", &root_a, &root_b);
     // Files land before the entries that record them commit: the index
     // follows within the same apply.
@@ -84,10 +81,7 @@ fn an_offline_device_catches_up() {
     generate_tree(&root_a, 50, 200, 0, 0);
     std::fs::create_dir_all(&root_b).unwrap();
     let ws = a.add_workspace(&root_a, "w");
-    b.ok(
-        "workspace.add",
-        json!({"path": root_b, "name": "w", "id": ws}),
-    );
+    a.share_with(&b, &ws, "editor", &root_b);
     wait_same("the initial sync", &root_a, &root_b);
     b.stop();
     let mut rng = Rng::new(51);
@@ -112,10 +106,7 @@ fn concurrent_edits_become_identical_conflict_copies() {
     std::fs::write(root_a.join("notes.md"), "original notes\n").unwrap();
     std::fs::create_dir_all(&root_b).unwrap();
     let ws = a.add_workspace(&root_a, "w");
-    b.ok(
-        "workspace.add",
-        json!({"path": root_b, "name": "w", "id": ws}),
-    );
+    a.share_with(&b, &ws, "editor", &root_b);
     wait_same("the initial sync", &root_a, &root_b);
     let (id_a, id_b) = (a.device_id(), b.device_id());
 
@@ -200,14 +191,9 @@ fn three_devices_in_a_chain_converge() {
     std::fs::create_dir_all(&roots[1]).unwrap();
     std::fs::create_dir_all(&roots[2]).unwrap();
     let ws = a.add_workspace(&roots[0], "w");
-    b.ok(
-        "workspace.add",
-        json!({"path": roots[1], "name": "w", "id": ws}),
-    );
-    c.ok(
-        "workspace.add",
-        json!({"path": roots[2], "name": "w", "id": ws}),
-    );
+    // B co-owns the workspace, so it can offer it to C, whom A cannot reach.
+    a.share_with(&b, &ws, "owner", &roots[1]);
+    b.share_with(&c, &ws, "editor", &roots[2]);
     wait_same("C to get A's files through B", &roots[0], &roots[2]);
 
     std::fs::write(roots[2].join("src/from-c.rs"), "fn c() {}\n").unwrap();
@@ -223,4 +209,76 @@ fn three_devices_in_a_chain_converge() {
     c.start_again();
     wait_same("C to catch up", &roots[0], &roots[2]);
     assert!(!roots[2].join("src/from-c.rs").exists());
+}
+
+/// A triangle: every device trusts the other two, changes made anywhere
+/// reach everyone by the shortest path, and one that was offline catches
+/// up from whichever peers are there.
+#[test]
+fn three_devices_in_a_triangle_converge() {
+    let dirs = [temp_dir(), temp_dir(), temp_dir()];
+    let mut devices: Vec<Device> = dirs.iter().map(|d| Device::start(d.path())).collect();
+    let ids: Vec<String> = devices.iter().map(|d| d.device_id()).collect();
+    let addrs: Vec<String> = devices.iter().map(|d| d.listen_addr()).collect();
+    for (i, device) in devices.iter().enumerate() {
+        for j in 0..3 {
+            if i != j {
+                device.cli_json(&["peer", "add", &ids[j], "--addr", &addrs[j]]);
+            }
+        }
+    }
+    for (i, device) in devices.iter().enumerate() {
+        for (j, id) in ids.iter().enumerate() {
+            if i != j {
+                device.wait_connected(id);
+            }
+        }
+    }
+    let roots: Vec<_> = dirs.iter().map(|d| d.path().join("ws")).collect();
+    generate_tree(&roots[0], 80, 200, 1, 1 << 20);
+    let ws = devices[0].add_workspace(&roots[0], "w");
+    devices[0].share_with(&devices[1], &ws, "editor", &roots[1]);
+    devices[0].share_with(&devices[2], &ws, "editor", &roots[2]);
+    wait_same("B's copy", &roots[0], &roots[1]);
+    wait_same("C's copy", &roots[0], &roots[2]);
+
+    // Changes on all three at once, to different files.
+    let files = list_files(&roots[0]);
+    let mut rng = Rng::new(81);
+    for (i, root) in roots.iter().enumerate() {
+        for path in files.iter().skip(i).step_by(17) {
+            std::fs::write(root.join(path), text(&mut rng, 500)).unwrap();
+        }
+        std::fs::write(root.join(format!("src/new-{i}.rs")), format!("// {i}\n")).unwrap();
+    }
+    std::fs::remove_file(roots[1].join(&files[4])).unwrap();
+    for device in &devices {
+        device.flush(&ws);
+    }
+    wait_same("A and B", &roots[0], &roots[1]);
+    wait_same("A and C", &roots[0], &roots[2]);
+
+    // C goes away; A and B change things; C comes back and catches up.
+    devices[2].stop();
+    std::fs::write(roots[0].join("src/while-c-away-a.rs"), "a\n").unwrap();
+    std::fs::write(roots[1].join("src/while-c-away-b.rs"), "b\n").unwrap();
+    std::fs::rename(roots[1].join(&files[8]), roots[1].join("src/moved.rs")).unwrap();
+    devices[0].flush(&ws);
+    devices[1].flush(&ws);
+    wait_same("A and B while C is away", &roots[0], &roots[1]);
+    devices[2].start_again();
+    wait_same("C to catch up", &roots[0], &roots[2]);
+    let index_digests: Vec<String> = devices
+        .iter()
+        .map(|d| {
+            wait_until(Duration::from_secs(30), "the index to settle", || {
+                let state = index_state(d, &ws);
+                (state == tree_state(&roots[0])).then_some(digest(&state))
+            })
+        })
+        .collect();
+    assert!(index_digests.windows(2).all(|w| w[0] == w[1]));
+    for root in &roots {
+        assert_no_junk(root);
+    }
 }

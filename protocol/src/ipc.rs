@@ -111,10 +111,13 @@ pub enum ErrorCode {
     Io,
     StoreFailed,
     Unsupported,
+    Forbidden,
+    TicketRefused,
+    PeerUnreachable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::ParseError,
         ErrorCode::InvalidRequest,
         ErrorCode::MethodNotFound,
@@ -131,6 +134,9 @@ impl ErrorCode {
         ErrorCode::Io,
         ErrorCode::StoreFailed,
         ErrorCode::Unsupported,
+        ErrorCode::Forbidden,
+        ErrorCode::TicketRefused,
+        ErrorCode::PeerUnreachable,
     ];
 
     pub fn code(self) -> i64 {
@@ -151,6 +157,9 @@ impl ErrorCode {
             ErrorCode::Io => -32021,
             ErrorCode::StoreFailed => -32022,
             ErrorCode::Unsupported => -32030,
+            ErrorCode::Forbidden => -32031,
+            ErrorCode::TicketRefused => -32032,
+            ErrorCode::PeerUnreachable => -32033,
         }
     }
 
@@ -172,6 +181,9 @@ impl ErrorCode {
             ErrorCode::Io => "io_error",
             ErrorCode::StoreFailed => "store_failed",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TicketRefused => "ticket_refused",
+            ErrorCode::PeerUnreachable => "peer_unreachable",
         }
     }
 }
@@ -197,6 +209,9 @@ pub mod method {
     pub const PEER_ADD: &str = "peer.add";
     pub const PEER_LIST: &str = "peer.list";
     pub const PEER_REMOVE: &str = "peer.remove";
+    pub const SHARE: &str = "share";
+    pub const INVITE: &str = "invite";
+    pub const JOIN: &str = "join";
     pub const STORE_STATS: &str = "store.stats";
     pub const STORE_VERIFY: &str = "store.verify";
     pub const STORE_GC: &str = "store.gc";
@@ -278,6 +293,41 @@ pub struct PeerParams {
     pub device_id: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareParams {
+    pub workspace: String,
+    pub device_id: String,
+    /// owner, editor or viewer.
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteParams {
+    /// The workspace to invite into; absent with `device`.
+    #[serde(default)]
+    pub workspace: Option<String>,
+    /// editor (default) or viewer.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// How long the ticket stays good: `30m`, `24h`, `7d` (default 24h).
+    #[serde(default)]
+    pub expires: Option<String>,
+    /// A device-group ticket instead of a workspace one.
+    #[serde(default)]
+    pub device: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinParams {
+    pub ticket: String,
+    /// Where the workspace goes; required for a workspace ticket.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscribeParams {
@@ -290,6 +340,12 @@ pub mod event_kind {
     pub const GAP: &str = "gap";
     pub const WORKSPACE_ADDED: &str = "workspace_added";
     pub const WORKSPACE_REMOVED: &str = "workspace_removed";
+    /// A peer offered a workspace (`workspace_id`, `name`, `role`, `device_id`).
+    pub const WORKSPACE_OFFERED: &str = "workspace_offered";
+    /// A workspace's members or roles changed (`workspace_id`, `members`).
+    pub const MEMBERSHIP_CHANGED: &str = "membership_changed";
+    /// Changes from a peer were not accepted (`workspace_id`, `device_id`, `reason`).
+    pub const CHANGES_REFUSED: &str = "changes_refused";
     pub const WORKSPACE_STATE: &str = "workspace_state";
     pub const SCAN_PROGRESS: &str = "scan_progress";
     pub const SCAN_FINISHED: &str = "scan_finished";

@@ -10,8 +10,10 @@ pub mod frame;
 pub mod ids;
 pub mod index;
 pub mod ipc;
+pub mod membership;
 pub mod path;
 pub mod sync;
+pub mod ticket;
 pub mod version;
 pub mod wire;
 

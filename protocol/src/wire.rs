@@ -4,10 +4,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::membership::Membership;
 use crate::{ChunkHash, FileEntry, WorkspaceId};
 
-/// The libp2p protocol name of MarieSync's sync protocol.
+/// The libp2p protocol name of MarieSync's sync protocol (trusted peers only).
 pub const SYNC_PROTOCOL: &str = "/mariesync/sync/1";
+/// The protocol a device not yet trusted may speak: presenting a ticket.
+pub const JOIN_PROTOCOL: &str = "/mariesync/join/1";
+/// No join message may be larger.
+pub const JOIN_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Version of the messages below; a peer with another answers with an error.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// No frame from a peer may be larger (before any decompression).
@@ -30,12 +35,22 @@ pub enum Request {
     /// The entries of `workspace` changed after `since`, in sequence order.
     /// Asking also acknowledges everything up to `since`.
     IndexSince { workspace: WorkspaceId, since: u64 },
-    /// Chunks by hash, in their stored form.
-    Chunks { hashes: Vec<ChunkHash> },
+    /// Chunks of `workspace` by hash, in their stored form.
+    Chunks {
+        workspace: WorkspaceId,
+        hashes: Vec<ChunkHash>,
+    },
     /// The sender's index of `workspace` moved to `sequence`: pull.
     Changed {
         workspace: WorkspaceId,
         sequence: u64,
+    },
+    /// An owner's view of who shares `workspace`: an offer to a device that
+    /// does not have it yet, an update for one that does.
+    Membership {
+        workspace: WorkspaceId,
+        name: String,
+        membership: Membership,
     },
 }
 
@@ -61,10 +76,29 @@ pub enum Response {
     },
 }
 
+/// The one request of the join protocol: a ticket's secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub secret: [u8; 16],
+    pub device_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinResponse {
+    /// Welcome: the joiner is now trusted (and a member, for a workspace).
+    Joined {
+        /// For a workspace ticket: the workspace and its membership.
+        workspace: Option<(WorkspaceId, String, Membership)>,
+    },
+    Refused {
+        message: String,
+    },
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
-    #[error("frame of {0} bytes exceeds the limit of {WIRE_FRAME_BYTES_MAX}")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1}")]
+    TooLarge(usize, usize),
     #[error("malformed message: {0}")]
     Malformed(String),
 }
@@ -72,7 +106,7 @@ pub enum WireError {
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
     let body = postcard::to_stdvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
     if body.len() > WIRE_FRAME_BYTES_MAX {
-        return Err(WireError::TooLarge(body.len()));
+        return Err(WireError::TooLarge(body.len(), WIRE_FRAME_BYTES_MAX));
     }
     let mut frame = Vec::with_capacity(body.len() + 4);
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -80,11 +114,11 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
     Ok(frame)
 }
 
-/// Checks a frame's announced length before its body is read.
-pub fn check_length(prefix: [u8; 4]) -> Result<usize, WireError> {
+/// Checks a frame's announced length against `max` before its body is read.
+pub fn check_length(prefix: [u8; 4], max: usize) -> Result<usize, WireError> {
     let len = u32::from_le_bytes(prefix) as usize;
-    if len > WIRE_FRAME_BYTES_MAX {
-        return Err(WireError::TooLarge(len));
+    if len > max {
+        return Err(WireError::TooLarge(len, max));
     }
     Ok(len)
 }
@@ -105,11 +139,11 @@ mod tests {
             device_name: "laptop".into(),
         };
         let frame = encode(&hello).unwrap();
-        let len = check_length(frame[..4].try_into().unwrap()).unwrap();
+        let len = check_length(frame[..4].try_into().unwrap(), WIRE_FRAME_BYTES_MAX).unwrap();
         assert_eq!(decode::<Request>(&frame[4..4 + len]).unwrap(), hello);
         assert_eq!(
-            check_length(u32::MAX.to_le_bytes()),
-            Err(WireError::TooLarge(u32::MAX as usize))
+            check_length(u32::MAX.to_le_bytes(), WIRE_FRAME_BYTES_MAX),
+            Err(WireError::TooLarge(u32::MAX as usize, WIRE_FRAME_BYTES_MAX))
         );
     }
 

@@ -74,10 +74,7 @@ fn main() -> anyhow::Result<()> {
 
     // Initial sync: from sharing until B's tree is byte-identical.
     let started = Instant::now();
-    b.ok(
-        "workspace.add",
-        json!({"path": root_b, "name": "bench", "id": ws}),
-    );
+    a.share_with(&b, &ws, "editor", &root_b);
     let want_files = expected.values().filter(|s| s.kind == "file").count() as u64;
     wait_until(Duration::from_secs(600), "B to have every file", || {
         let status = b.ok("status", json!({}));

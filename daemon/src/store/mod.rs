@@ -291,6 +291,40 @@ impl Store {
         self.commit(txn)
     }
 
+    /// Every metadata entry whose key starts with `prefix`.
+    pub fn meta_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        let mut out = Vec::new();
+        for row in table.range(prefix..)? {
+            let (key, value) = row?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            out.push((key.value().to_owned(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes several metadata entries in one durable commit.
+    pub fn meta_put_all(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(META)?;
+            for (key, value) in entries {
+                match value {
+                    Some(v) => {
+                        table.insert(*key, *v)?;
+                    }
+                    None => {
+                        table.remove(*key)?;
+                    }
+                }
+            }
+        }
+        self.commit(txn)
+    }
+
     // ---- workspaces -------------------------------------------------------
 
     pub fn workspaces(&self) -> Result<Vec<(u32, WorkspaceRecord)>> {

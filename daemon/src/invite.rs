@@ -1,0 +1,459 @@
+//! `share`, `invite` and `join`: how a workspace reaches another device.
+//!
+//! `share` is for a device already trusted: the owner adds it to the
+//! membership and sends it an offer, which it accepts with `workspace add
+//! --id`. A ticket does trust and membership in one step: `join` trusts the
+//! inviter, dials it, presents the ticket's secret over the join protocol
+//! (the only one an untrusted device may speak), and on success adds the
+//! workspace with the membership the inviter sent back, then reconnects as
+//! a trusted device.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use mariesync_protocol::ipc::{ErrorCode, InviteParams, JoinParams, RpcError, ShareParams};
+use mariesync_protocol::membership::Role;
+use mariesync_protocol::ticket::{TICKET_ADDRS_MAX, Ticket, TicketKind};
+use mariesync_protocol::wire::{JoinRequest, JoinResponse};
+use serde_json::{Value, json};
+
+use crate::daemon::Daemon;
+use crate::network::Command;
+use crate::store::PeerRecord;
+use crate::workspace::{now_ms, store_rpc_error};
+
+const TICKET_LIFETIME_MIN: Duration = Duration::from_secs(1);
+const TICKET_LIFETIME_MAX: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// How long `join` waits to reach the inviter.
+const JOIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn forbidden(message: String) -> RpcError {
+    RpcError::new(ErrorCode::Forbidden, message)
+}
+
+fn invalid(message: String) -> RpcError {
+    RpcError::new(ErrorCode::InvalidParams, message)
+}
+
+impl Daemon {
+    /// The workspace `text` names, checked to be owned by this device.
+    fn owned_workspace(
+        &self,
+        text: &str,
+        what: &str,
+    ) -> Result<(u32, mariesync_protocol::WorkspaceId), RpcError> {
+        let shared = self.resolve_workspace(text)?;
+        let this_device = match self.sharing.my_role(shared.1) {
+            Some(Role::Owner) => return Ok(shared),
+            Some(Role::Editor) => "an editor",
+            Some(Role::Viewer) => "a viewer",
+            None => "not a member",
+        };
+        Err(forbidden(format!(
+            "only an owner can {what} workspace '{text}'; this device is {this_device}"
+        )))
+    }
+
+    pub(crate) fn share(self: &Arc<Self>, p: ShareParams) -> Result<Value, RpcError> {
+        let role: Role = p.role.parse().map_err(invalid)?;
+        let (_, workspace) = self.owned_workspace(&p.workspace, "share")?;
+        let peer: PeerId = p
+            .device_id
+            .parse()
+            .map_err(|_| invalid(format!("'{}' is not a device ID", p.device_id)))?;
+        if p.device_id == self.device_id {
+            return Err(invalid("that is this device's own ID".into()));
+        }
+        let trusted = self
+            .store
+            .peers()
+            .map_err(|e| store_rpc_error(&e))?
+            .iter()
+            .any(|(id, _)| *id == p.device_id);
+        if !trusted {
+            return Err(invalid(format!(
+                "{} is not a trusted device; run `mariesync peer add {}` first (or use `mariesync invite`)",
+                p.device_id, p.device_id
+            )));
+        }
+        let current = self
+            .sharing
+            .membership(workspace)
+            .ok_or_else(|| forbidden(format!("workspace '{}' has no membership", p.workspace)))?;
+        let next = current
+            .with_member(&self.device_id, &p.device_id, role)
+            .map_err(|e| forbidden(e.to_string()))?;
+        self.sharing
+            .set(workspace, next)
+            .map_err(|e| store_rpc_error(&e))?;
+        if let Some(replicator) = self.replicator.get() {
+            replicator.push_membership(self, workspace);
+            // A new writer may already have something for us.
+            if role.can_write() {
+                replicator.clone().pull(workspace, peer);
+            }
+        }
+        Ok(json!({
+            "workspace_id": workspace.to_string(),
+            "device_id": p.device_id,
+            "role": role.as_str(),
+        }))
+    }
+
+    pub(crate) fn invite(self: &Arc<Self>, p: InviteParams) -> Result<Value, RpcError> {
+        if p.device {
+            return Err(RpcError::new(
+                ErrorCode::Unsupported,
+                "device groups come with settings sync, which this build does not have yet",
+            ));
+        }
+        let text = p
+            .workspace
+            .ok_or_else(|| invalid("name the workspace to invite into".into()))?;
+        let role: Role = p
+            .role
+            .as_deref()
+            .unwrap_or("editor")
+            .parse()
+            .map_err(invalid)?;
+        if role == Role::Owner {
+            return Err(invalid(
+                "a ticket grants editor or viewer; make an owner with `mariesync share --role owner`"
+                    .into(),
+            ));
+        }
+        let lifetime = match p.expires.as_deref() {
+            None => Duration::from_secs(24 * 60 * 60),
+            Some(text) => humantime::parse_duration(text)
+                .map_err(|e| invalid(format!("--expires '{text}': {e}")))?,
+        };
+        if !(TICKET_LIFETIME_MIN..=TICKET_LIFETIME_MAX).contains(&lifetime) {
+            return Err(invalid(
+                "a ticket lasts between 1 second and 30 days".into(),
+            ));
+        }
+        let (_, workspace) = self.owned_workspace(&text, "invite into")?;
+        let name = self.workspace_name(workspace).unwrap_or_default();
+        let network = self
+            .network
+            .get()
+            .ok_or_else(|| RpcError::new(ErrorCode::ShuttingDown, "the network is not running"))?;
+        let addrs: Vec<String> = network.snapshot(|s| {
+            s.listen_addrs
+                .iter()
+                .take(TICKET_ADDRS_MAX)
+                .map(|a| a.to_string())
+                .collect()
+        });
+        if addrs.is_empty() {
+            return Err(RpcError::new(
+                ErrorCode::PeerUnreachable,
+                "this device listens on no address yet; a ticket would lead nowhere",
+            ));
+        }
+        let expires_ms = now_ms() + lifetime.as_millis() as u64;
+        let kind = TicketKind::Workspace {
+            workspace,
+            name,
+            role,
+        };
+        let secret = self
+            .sharing
+            .issue_ticket(kind.clone(), expires_ms)
+            .map_err(|e| store_rpc_error(&e))?;
+        network.send(Command::AdmitGuests(true));
+        let ticket = Ticket {
+            device_id: self.device_id.clone(),
+            device_name: crate::network::host_name(),
+            addrs,
+            secret,
+            expires_ms,
+            kind,
+        };
+        Ok(json!({
+            "ticket": ticket.encode(),
+            "workspace_id": workspace.to_string(),
+            "role": role.as_str(),
+            "expires": crate::daemon::format_time(expires_ms),
+        }))
+    }
+
+    /// Opens the gate to unknown devices while tickets are known.
+    pub(crate) fn update_gate(&self) {
+        let open = self.sharing.tickets_known();
+        if let Some(network) = self.network.get() {
+            network.send(Command::AdmitGuests(open));
+        }
+    }
+
+    /// The inviter's side of a join: checks and uses up the ticket, trusts
+    /// the joiner and makes it a member.
+    pub(crate) fn admit_joiner(
+        self: &Arc<Self>,
+        peer: PeerId,
+        secret: &[u8; 16],
+        name: &str,
+    ) -> Result<JoinResponse, String> {
+        let joiner = peer.to_string();
+        let kind = self.sharing.redeem_ticket(secret, &joiner, now_ms())?;
+        self.update_gate();
+        let TicketKind::Workspace {
+            workspace, role, ..
+        } = kind
+        else {
+            return Err("device-group tickets are not supported by this build".into());
+        };
+        let current = self
+            .sharing
+            .membership(workspace)
+            .ok_or("the invited workspace is no longer shared by this device")?;
+        let next = current
+            .with_member(&self.device_id, &joiner, role)
+            .map_err(|e| e.to_string())?;
+        // Trust first: a crash after it leaves a trusted device that is not
+        // a member, which can read nothing.
+        let mut record = self
+            .store
+            .peers()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|(id, _)| *id == joiner)
+            .map(|(_, r)| r)
+            .unwrap_or(PeerRecord {
+                name: String::new(),
+                addrs: Vec::new(),
+                added_ms: now_ms(),
+            });
+        if record.name.is_empty() {
+            record.name = name.to_owned();
+        }
+        self.store
+            .put_peer(&joiner, &record)
+            .map_err(|e| e.to_string())?;
+        self.sharing
+            .set(workspace, next.clone())
+            .map_err(|e| e.to_string())?;
+        if let Some(network) = self.network.get() {
+            network.send(Command::Trust {
+                peer,
+                addrs: Vec::new(),
+            });
+        }
+        if let Some(replicator) = self.replicator.get() {
+            replicator.push_membership(self, workspace);
+        }
+        tracing::info!(%peer, %workspace, %role, "a device joined with a ticket");
+        let name = self.workspace_name(workspace).unwrap_or_default();
+        Ok(JoinResponse::Joined {
+            workspace: Some((workspace, name, next)),
+        })
+    }
+
+    pub(crate) async fn join(self: &Arc<Self>, p: JoinParams) -> Result<Value, RpcError> {
+        let refused = |m: String| RpcError::new(ErrorCode::TicketRefused, m);
+        let ticket = Ticket::decode(&p.ticket).map_err(|e| refused(e.to_string()))?;
+        let TicketKind::Workspace {
+            workspace,
+            name,
+            role,
+        } = ticket.kind.clone()
+        else {
+            return Err(RpcError::new(
+                ErrorCode::Unsupported,
+                "device-group tickets come with settings sync, which this build does not have yet",
+            ));
+        };
+        let path = p
+            .path
+            .ok_or_else(|| invalid("a workspace ticket needs the PATH to sync into".into()))?;
+        if ticket.device_id == self.device_id {
+            return Err(refused("this ticket was made by this very device".into()));
+        }
+        if self.workspace_number(workspace).is_some() {
+            return Err(RpcError::new(
+                ErrorCode::WorkspaceExists,
+                format!("workspace {workspace} is already added here"),
+            ));
+        }
+        let inviter: PeerId = ticket
+            .device_id
+            .parse()
+            .map_err(|_| refused("the ticket names no valid device".into()))?;
+        let addrs: Vec<Multiaddr> = ticket.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        // Like `git clone`: the folder may not exist yet. Checked fully
+        // (overlaps, home) when the workspace is created.
+        let created_dir = !std::path::Path::new(&path).exists();
+        std::fs::create_dir_all(&path).map_err(|e| {
+            RpcError::new(ErrorCode::InvalidPath, format!("cannot create {path}: {e}"))
+        })?;
+        let undo_dir = || {
+            if created_dir {
+                let _ = std::fs::remove_dir(&path);
+            }
+        };
+        let network = self
+            .network
+            .get()
+            .ok_or_else(|| RpcError::new(ErrorCode::ShuttingDown, "the network is not running"))?
+            .clone();
+
+        // Trust the inviter (remembering whether it already was, to undo).
+        let this = self.clone();
+        let inviter_id = ticket.device_id.clone();
+        let inviter_name = ticket.device_name.clone();
+        let addr_texts: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        let was_trusted = tokio::task::spawn_blocking(move || -> Result<bool, RpcError> {
+            let peers = this.store.peers().map_err(|e| store_rpc_error(&e))?;
+            let existing = peers.into_iter().find(|(id, _)| *id == inviter_id);
+            let was_trusted = existing.is_some();
+            let mut record = existing.map(|(_, r)| r).unwrap_or(PeerRecord {
+                name: inviter_name,
+                addrs: Vec::new(),
+                added_ms: now_ms(),
+            });
+            for addr in addr_texts {
+                if !record.addrs.contains(&addr) {
+                    record.addrs.push(addr);
+                }
+            }
+            this.store
+                .put_peer(&inviter_id, &record)
+                .map_err(|e| store_rpc_error(&e))?;
+            Ok(was_trusted)
+        })
+        .await
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+        network.send(Command::Trust {
+            peer: inviter,
+            addrs: addrs.clone(),
+        });
+        let undo_trust = |this: &Arc<Daemon>| {
+            if !was_trusted {
+                let _ = this.store.remove_peer(&inviter.to_string());
+                network.send(Command::Distrust { peer: inviter });
+            }
+        };
+
+        let request = JoinRequest {
+            secret: ticket.secret,
+            device_name: crate::network::host_name(),
+        };
+        let answer = tokio::time::timeout(JOIN_CONNECT_TIMEOUT, async {
+            // The join request dials by itself; retry while the inviter's
+            // gate or a dial race refuses the first attempt.
+            let mut last = String::new();
+            for _ in 0..20 {
+                match network.join(inviter, request.clone()).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(e) => last = e,
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(last)
+        })
+        .await;
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                undo_trust(self);
+                undo_dir();
+                return Err(RpcError::new(
+                    ErrorCode::PeerUnreachable,
+                    format!(
+                        "cannot reach the inviting device at {}: {e}",
+                        ticket.addrs.join(", ")
+                    ),
+                ));
+            }
+            Err(_) => {
+                undo_trust(self);
+                undo_dir();
+                return Err(RpcError::new(
+                    ErrorCode::PeerUnreachable,
+                    format!(
+                        "the inviting device did not answer within {}s at {}",
+                        JOIN_CONNECT_TIMEOUT.as_secs(),
+                        ticket.addrs.join(", ")
+                    ),
+                ));
+            }
+        };
+        let (joined, joined_name, membership) = match answer {
+            JoinResponse::Joined {
+                workspace: Some(joined),
+            } => joined,
+            JoinResponse::Joined { workspace: None } => {
+                undo_trust(self);
+                undo_dir();
+                return Err(refused("the inviter sent no workspace".into()));
+            }
+            JoinResponse::Refused { message } => {
+                undo_trust(self);
+                undo_dir();
+                return Err(refused(message));
+            }
+        };
+        if joined != workspace
+            || membership.role(&self.device_id) != Some(role)
+            || membership.role(&ticket.device_id) != Some(Role::Owner)
+        {
+            undo_trust(self);
+            undo_dir();
+            return Err(refused(
+                "the inviter's answer does not match its ticket".into(),
+            ));
+        }
+        let this = self.clone();
+        let name = if joined_name.trim().is_empty() {
+            name
+        } else {
+            joined_name
+        };
+        let path_for_create = path.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            // A name taken here falls back to the folder's name.
+            let taken = this
+                .store
+                .workspaces()
+                .map(|all| all.iter().any(|(_, r)| r.name == name))
+                .unwrap_or(false);
+            let name = if taken { None } else { Some(name) };
+            this.create_workspace(&path_for_create, name, workspace, membership)
+        })
+        .await
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
+        if created.is_err() {
+            undo_trust(self);
+            undo_dir();
+        } else {
+            // Reconnect, so that the inviter, which trusts us now, admits
+            // us with the sync protocol.
+            network.send(Command::Redial { peer: inviter });
+        }
+        created
+    }
+
+    /// Remembers addresses a trusted peer announced, for the next start.
+    pub(crate) fn remember_addrs(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let id = peer.to_string();
+        let Ok(peers) = self.store.peers() else {
+            return;
+        };
+        let Some((_, mut record)) = peers.into_iter().find(|(p, _)| *p == id) else {
+            return;
+        };
+        let before = record.addrs.len();
+        for addr in addrs {
+            let addr = addr.to_string();
+            if !record.addrs.contains(&addr) && record.addrs.len() < TICKET_ADDRS_MAX {
+                record.addrs.push(addr);
+            }
+        }
+        if record.addrs.len() != before
+            && let Err(e) = self.store.put_peer(&id, &record)
+        {
+            tracing::warn!(%peer, "cannot remember the peer's addresses: {e}");
+        }
+    }
+}
