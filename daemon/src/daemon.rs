@@ -762,6 +762,8 @@ impl Daemon {
                     "database_stored_bytes": stats.database_stored_bytes,
                     "database_metadata_bytes": stats.database_metadata_bytes,
                     "database_fragmented_bytes": stats.database_fragmented_bytes,
+                    "fetched_chunks": stats.fetched_chunks,
+                    "fetched_bytes": stats.fetched_bytes,
                 }))
             }
             method::STORE_VERIFY => {

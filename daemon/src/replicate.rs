@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
+use mariesync_protocol::index::ChunkRef;
 use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
 use mariesync_protocol::membership::Role;
 use mariesync_protocol::wire::{
@@ -36,8 +37,11 @@ use crate::network::{NetEvent, Network};
 use crate::store::EncodedChunk;
 use crate::workspace::Job;
 
-/// New chunks fetched for one apply at most before they are handed over.
+/// Entries are applied in groups of about this many bytes of files: what a
+/// group needs is fetched (and committed) first, then the group applied.
 const APPLY_CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// `Chunks` requests in flight to one peer at most.
+const FETCHES_IN_FLIGHT: usize = 4;
 /// A failed pull is retried after these delays (doubling) while connected.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_LAST: Duration = Duration::from_secs(60);
@@ -470,23 +474,22 @@ impl Replicator {
                         reply,
                     })
                     .await?;
-                let chunks = self.fetch(peer, workspace, &missing).await?;
+                // Pinned from before they are stored until the entries
+                // that reference them are committed: GC keeps them, and a
+                // crash in between leaves them stored, not fetched again.
+                let store = self.daemon()?.store.clone();
+                let pins = store.pin(missing.iter().map(|c| c.hash).collect());
+                self.fetch(peer, workspace, &missing).await?;
                 let entries = std::mem::take(&mut group);
                 let (reply, answer) = oneshot::channel();
                 self.daemon()?
-                    .send_job(
-                        workspace,
-                        Job::Apply {
-                            entries,
-                            chunks,
-                            reply,
-                        },
-                    )
+                    .send_job(workspace, Job::Apply { entries, reply })
                     .map_err(|e| e.to_string())?;
                 let failed = answer
                     .await
                     .map_err(|_| "the workspace stopped".to_string())?
                     .map_err(|e| e.to_string())?;
+                drop(pins);
                 if let Some(failed) = failed {
                     first_failed = Some(first_failed.map_or(failed, |f| f.min(failed)));
                 }
@@ -510,68 +513,104 @@ impl Replicator {
             .map_err(|_| "the workspace stopped".to_string())
     }
 
-    /// Fetches chunks from `peer`, verifying each against its hash and
-    /// length before it is kept.
+    /// Fetches chunks from `peer`, several requests in flight, verifying
+    /// each chunk against its hash and length and committing it durably as
+    /// each answer arrives (pinned by the caller).
     async fn fetch(
         &self,
         peer: PeerId,
         workspace: WorkspaceId,
-        wanted: &[mariesync_protocol::index::ChunkRef],
-    ) -> Result<Vec<EncodedChunk>, String> {
-        let mut out = Vec::with_capacity(wanted.len());
-        let mut pending: Vec<_> = wanted.to_vec();
+        wanted: &[ChunkRef],
+    ) -> Result<(), String> {
+        use futures::StreamExt;
+        let store = self.daemon()?.store.clone();
+        let lengths: Arc<HashMap<ChunkHash, u32>> =
+            Arc::new(wanted.iter().map(|c| (c.hash, c.len)).collect());
+        let mut pending: Vec<ChunkRef> = wanted.to_vec();
         while !pending.is_empty() {
-            let ask: Vec<ChunkHash> = pending
-                .iter()
-                .take(CHUNK_REQUEST_MAX)
-                .map(|c| c.hash)
-                .collect();
-            let chunks = match self
-                .network
-                .request(
-                    peer,
-                    Request::Chunks {
-                        workspace,
-                        hashes: ask.clone(),
-                    },
-                )
-                .await?
-            {
-                Response::Chunks { chunks } => chunks,
-                Response::Error { message } => return Err(message),
-                other => return Err(format!("unexpected answer {other:?}")),
-            };
-            if chunks.is_empty() {
-                return Err(format!("the peer no longer has chunk {}", ask[0]));
-            }
-            let lengths: HashMap<ChunkHash, u32> =
-                pending.iter().map(|c| (c.hash, c.len)).collect();
-            let verified =
-                tokio::task::spawn_blocking(move || -> Result<Vec<EncodedChunk>, String> {
-                    let mut out = Vec::new();
-                    for (hash, stored) in chunks {
-                        let Some(&len) = lengths.get(&hash) else {
-                            return Err(format!(
-                                "the peer sent chunk {hash} that was not asked for"
-                            ));
-                        };
-                        crate::store::decode_chunk(&hash, len, &stored)
-                            .map_err(|e| format!("the peer sent a bad chunk: {e}"))?;
-                        out.push(EncodedChunk {
-                            hash,
-                            raw_len: len,
-                            stored,
-                        });
+            // Requests sized to what one answer carries.
+            let mut requests: Vec<Vec<ChunkHash>> = Vec::new();
+            let mut bytes = 0;
+            for chunk in &pending {
+                let len = chunk.len as usize;
+                match requests.last_mut() {
+                    Some(last)
+                        if last.len() < CHUNK_REQUEST_MAX
+                            && bytes + len <= CHUNK_RESPONSE_BYTES_MAX =>
+                    {
+                        last.push(chunk.hash);
+                        bytes += len;
                     }
-                    Ok(out)
-                })
-                .await
-                .map_err(|e| e.to_string())??;
-            let got: HashSet<ChunkHash> = verified.iter().map(|c| c.hash).collect();
+                    _ => {
+                        requests.push(vec![chunk.hash]);
+                        bytes = len;
+                    }
+                }
+            }
+            let mut answers = futures::stream::iter(requests)
+                .map(|ask| self.fetch_some(peer, workspace, ask, &lengths, &store))
+                .buffer_unordered(FETCHES_IN_FLIGHT);
+            let mut got = HashSet::new();
+            while let Some(answer) = answers.next().await {
+                got.extend(answer?);
+            }
+            if got.is_empty() {
+                return Err(format!("the peer no longer has chunk {}", pending[0].hash));
+            }
             pending.retain(|c| !got.contains(&c.hash));
-            out.extend(verified);
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// One `Chunks` request: what came back, verified and committed.
+    async fn fetch_some(
+        &self,
+        peer: PeerId,
+        workspace: WorkspaceId,
+        ask: Vec<ChunkHash>,
+        lengths: &Arc<HashMap<ChunkHash, u32>>,
+        store: &Arc<crate::store::Store>,
+    ) -> Result<Vec<ChunkHash>, String> {
+        let chunks = match self
+            .network
+            .request(
+                peer,
+                Request::Chunks {
+                    workspace,
+                    hashes: ask,
+                },
+            )
+            .await?
+        {
+            Response::Chunks { chunks } => chunks,
+            Response::Error { message } => return Err(message),
+            other => return Err(format!("unexpected answer {other:?}")),
+        };
+        let lengths = lengths.clone();
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
+            let mut verified = Vec::with_capacity(chunks.len());
+            for (hash, stored) in chunks {
+                let Some(&len) = lengths.get(&hash) else {
+                    return Err(format!("the peer sent chunk {hash} that was not asked for"));
+                };
+                crate::store::decode_chunk(&hash, len, &stored)
+                    .map_err(|e| format!("the peer sent a bad chunk: {e}"))?;
+                verified.push(EncodedChunk {
+                    hash,
+                    raw_len: len,
+                    stored,
+                });
+            }
+            if !verified.is_empty() {
+                store
+                    .commit_fetched_chunks(&verified)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(verified.iter().map(|c| c.hash).collect())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Sends `Changed` to one peer without waiting for its answer.

@@ -25,9 +25,7 @@ use crate::checkpoint::{self, RestoreError};
 use crate::events::EventLog;
 use crate::materialize::{self, Expected, Identity};
 use crate::scan::{self, ScanError, ScanProgress, ScanReport, Scanner, Scope};
-use crate::store::{
-    CONTENT_CHUNKS, ChunkReader, EncodedChunk, StatCache, Store, StoreError, WorkspaceState,
-};
+use crate::store::{CONTENT_CHUNKS, ChunkReader, StatCache, Store, StoreError, WorkspaceState};
 
 /// Quiet time after the last watcher event before a batch is scanned.
 const DEBOUNCE_QUIET_MS: u64 = 10;
@@ -81,9 +79,10 @@ pub enum Job {
         reply: oneshot::Sender<Vec<ChunkRef>>,
     },
     /// Apply a peer's entries; `chunks` holds the missing ones, verified.
+    /// Apply a peer's entries; the chunks they need are in the store
+    /// (fetched, verified and pinned by the replicator).
     Apply {
         entries: Vec<FileEntry>,
-        chunks: Vec<EncodedChunk>,
         /// The peer's sequence of the first entry not applied, if any.
         reply: oneshot::Sender<Result<Option<u64>, RpcError>>,
     },
@@ -396,15 +395,11 @@ impl Worker {
                 Job::Plan { entries, reply } => {
                     let _ = reply.send(self.plan_remote(&entries).unwrap_or_default());
                 }
-                Job::Apply {
-                    entries,
-                    chunks,
-                    reply,
-                } => {
+                Job::Apply { entries, reply } => {
                     let result = if self.is_paused() {
                         Err(self.paused_error())
                     } else {
-                        self.apply_remote(entries, chunks)
+                        self.apply_remote(entries)
                     };
                     let _ = reply.send(result);
                 }
@@ -775,19 +770,12 @@ impl Worker {
     /// core picks, written atomically and only over what the index knows.
     /// Returns the peer's sequence of the first entry that could not be
     /// applied (tried again later), if any.
-    fn apply_remote(
-        &mut self,
-        entries: Vec<FileEntry>,
-        chunks: Vec<EncodedChunk>,
-    ) -> Result<Option<u64>, RpcError> {
+    fn apply_remote(&mut self, entries: Vec<FileEntry>) -> Result<Option<u64>, RpcError> {
         let store = self.context.store.clone();
         let number = self.shared.number;
         let root = self.shared.root.clone();
         let store_err = |e: StoreError| store_rpc_error(&e);
         let references = store.reference_guard();
-        if !chunks.is_empty() {
-            store.commit_chunks(&chunks).map_err(store_err)?;
-        }
         let reader = store.reader().map_err(store_err)?;
         let mut next = store
             .workspace(number)

@@ -106,3 +106,64 @@ fn kill9_during_restore_leaves_no_torn_file() {
     }
     device.assert_store_integrity();
 }
+
+/// `kill -9` of the receiver again and again while a large workspace
+/// arrives: every restart resumes where the last left off, never fetching
+/// a verified, stored chunk a second time, and the end state passes the
+/// checks of RELIABILITY.md.
+#[test]
+fn kill9_of_the_receiver_during_a_transfer_resumes() {
+    let mut rng = Rng::new(seed());
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let root_a = dir_a.path().join("ws");
+    let root_b = dir_b.path().join("ws");
+    generate_tree(&root_a, 90, 400, 4, 32 << 20);
+    let a = Device::start(dir_a.path());
+    let mut b = Device::start(dir_b.path());
+    let (id_a, id_b) = (a.device_id(), b.device_id());
+    a.cli_json(&["peer", "add", &id_b]);
+    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    let ws = a.add_workspace(&root_a, "w");
+    a.flush(&ws);
+    let total = a.ok("store.stats", json!({}))["chunks"].as_u64().unwrap();
+    a.share_with(&b, &ws, "editor", &root_b);
+
+    let fetched = |b: &Device| {
+        b.ok("store.stats", json!({}))["fetched_chunks"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut kills = 0;
+    let mut last = 0;
+    for _ in 0..iterations(5) {
+        // Kill once more chunks have arrived since the last restart, at a
+        // random point of the transfer.
+        let step = 1 + rng.below(total / 8);
+        let now = wait_until(Duration::from_secs(120), "more chunks to arrive", || {
+            let now = fetched(&b);
+            (now >= (last + step).min(total)).then_some(now)
+        });
+        if now >= total {
+            break;
+        }
+        b.restart();
+        kills += 1;
+        last = fetched(&b);
+        assert!(last >= now, "stored chunks were lost: {now} -> {last}");
+    }
+    eprintln!("killed the receiver {kills} times during the transfer");
+    assert!(
+        kills >= 2,
+        "the transfer ended before the receiver could be killed twice"
+    );
+    wait_until(Duration::from_secs(300), "the transfer to finish", || {
+        (tree_state(&root_a) == tree_state(&root_b)).then_some(())
+    });
+    // Every chunk arrived exactly once across all the restarts.
+    assert_eq!(fetched(&b), total);
+    wait_until(Duration::from_secs(30), "the indexes to agree", || {
+        (digest(&index_state(&a, &ws)) == digest(&index_state(&b, &ws))).then_some(())
+    });
+    assert_no_junk(&root_b);
+    b.assert_store_integrity();
+}

@@ -13,7 +13,7 @@
 mod chunks;
 mod records;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +68,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// 2: chunk data keyed by ascending chunk number; 3: chunks in packs;
 /// 4: index entries name the device that made them.
 const SCHEMA_VERSION: u32 = 4;
+/// In META: chunks and stored bytes ever received from peers (two u64 LE).
+const FETCHED_KEY: &str = "stats/fetched";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -125,6 +127,30 @@ pub struct Store {
     /// served to peers: a crash rolls non-durable ones back, and their
     /// sequence numbers would be handed out again.
     marks: Mutex<Marks>,
+    /// Chunks fetched from peers and committed before the entries that
+    /// will reference them (counted: two pulls may fetch one chunk). GC
+    /// keeps them; see [`Store::pin`].
+    pinned: Mutex<HashMap<ChunkHash, u32>>,
+}
+
+/// Chunks kept from GC until this is dropped.
+pub struct Pins {
+    store: std::sync::Arc<Store>,
+    hashes: Vec<ChunkHash>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let mut pinned = self.store.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        for hash in &self.hashes {
+            if let Some(count) = pinned.get_mut(hash) {
+                *count -= 1;
+                if *count == 0 {
+                    pinned.remove(hash);
+                }
+            }
+        }
+    }
 }
 
 /// Everything one scan batch commits at once.
@@ -146,6 +172,10 @@ pub struct StoreStats {
     pub database_stored_bytes: u64,
     pub database_metadata_bytes: u64,
     pub database_fragmented_bytes: u64,
+    /// Chunks (and their stored bytes) ever received from peers and
+    /// stored: a chunk fetched twice counts twice.
+    pub fetched_chunks: u64,
+    pub fetched_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +207,7 @@ impl Store {
             workspace_lock: Mutex::new(()),
             references: std::sync::RwLock::new(()),
             marks: Mutex::new(Marks::default()),
+            pinned: Mutex::new(HashMap::new()),
         };
         store.init()?;
         // Everything found at open is durable.
@@ -453,6 +484,12 @@ impl Store {
             stats.raw_bytes += u64::from(raw);
         }
         drop(table);
+        if let Some(v) = txn.open_table(META)?.get(FETCHED_KEY)?
+            && let Ok(b) = <[u8; 16]>::try_from(v.value())
+        {
+            stats.fetched_chunks = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            stats.fetched_bytes = u64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        }
         drop(txn);
         // redb reports its page accounting from a write transaction; this
         // one changes nothing and is aborted.
@@ -482,6 +519,51 @@ impl Store {
     /// at a time per thread.
     pub fn reference_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.references.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `hashes` from GC until the returned [`Pins`] is dropped: for
+    /// chunks committed (by [`Store::commit_fetched_chunks`]) before the
+    /// entries that reference them. Drop the pins only after those entries
+    /// committed; GC reads the pins under its exclusive reference lock, so
+    /// a chunk is always either pinned or referenced when it looks.
+    pub fn pin(self: &std::sync::Arc<Self>, hashes: Vec<ChunkHash>) -> Pins {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        for hash in &hashes {
+            *pinned.entry(*hash).or_insert(0) += 1;
+        }
+        Pins {
+            store: self.clone(),
+            hashes,
+        }
+    }
+
+    /// Commits verified chunks fetched from a peer, durably, so that a crash
+    /// or an interrupted transfer never fetches them again. Pin them first.
+    /// Counts them, in the same commit, in [`StoreStats::fetched_chunks`].
+    pub fn commit_fetched_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
+        let txn = self.begin_write()?;
+        insert_chunks(&txn, chunks)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let (mut count, mut bytes) = meta
+                .get(FETCHED_KEY)?
+                .and_then(|v| <[u8; 16]>::try_from(v.value()).ok())
+                .map(|b| {
+                    let (c, s) = b.split_at(8);
+                    (
+                        u64::from_le_bytes(c.try_into().unwrap_or_default()),
+                        u64::from_le_bytes(s.try_into().unwrap_or_default()),
+                    )
+                })
+                .unwrap_or((0, 0));
+            count += chunks.len() as u64;
+            bytes += chunks.iter().map(|c| c.stored.len() as u64).sum::<u64>();
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&count.to_le_bytes());
+            value[8..].copy_from_slice(&bytes.to_le_bytes());
+            meta.insert(FETCHED_KEY, value.as_slice())?;
+        }
+        self.commit_marked(txn, true, None)
     }
 
     /// Commits chunks ahead of the entry that will reference them (a large
@@ -791,6 +873,13 @@ impl Store {
         let broken = self.for_each_reference(&reader, |hash, _, _| {
             live.insert(hash);
         })?;
+        live.extend(
+            self.pinned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .copied(),
+        );
         drop(reader);
         if let Some((id, error)) = broken.first() {
             // What an unreadable manifest references is unknown: sweeping
