@@ -130,6 +130,11 @@ pub enum Command {
     Redial {
         peer: PeerId,
     },
+    /// Closes the connections with a peer that broke the protocol.
+    Disconnect {
+        peer: PeerId,
+        reason: String,
+    },
 }
 
 /// What the node hands to the daemon.
@@ -359,7 +364,7 @@ impl Node {
                     Some(Command::Trust { peer, addrs }) => self.trust(peer, addrs),
                                         Some(Command::Distrust { peer }) => self.distrust(peer),
                     Some(Command::Request { peer, request, reply }) => {
-                        let id = self.swarm.behaviour_mut().sync.inner.send_request(&peer, request);
+                        let id = self.swarm.behaviour_mut().sync.inner.send_request(&peer, Framed::Message(request));
                         self.pending.insert(id, reply);
                     }
                     Some(Command::Respond { channel, response }) => {
@@ -369,12 +374,13 @@ impl Node {
                         self.swarm.behaviour_mut().gate.admit_guests(admit);
                     }
                     Some(Command::Join { peer, request, reply }) => {
-                        let id = self.swarm.behaviour_mut().join.send_request(&peer, request);
+                        let id = self.swarm.behaviour_mut().join.send_request(&peer, Framed::Message(request));
                         self.pending_joins.insert(id, reply);
                     }
                     Some(Command::JoinRespond { channel, response }) => {
                         let _ = self.swarm.behaviour_mut().join.send_response(channel, response);
                     }
+                    Some(Command::Disconnect { peer, reason }) => self.drop_offender(peer, &reason),
                     Some(Command::Redial { peer }) => {
                         let _ = self.swarm.disconnect_peer_id(peer);
                         self.backoff.insert(peer, (Instant::now(), RECONNECT_FIRST));
@@ -406,6 +412,14 @@ impl Node {
 
     fn is_trusted(&self, peer: &PeerId) -> bool {
         self.swarm.behaviour().gate.is_trusted(peer)
+    }
+
+    /// A peer sent something malformed or false: its connections close
+    /// (it may come back, and is served again, but gets nothing it sends
+    /// wrong accepted).
+    fn drop_offender(&mut self, peer: PeerId, reason: &str) {
+        tracing::warn!(%peer, "closing the connection with a peer that broke the protocol: {reason}");
+        let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     fn close_stale_guests(&mut self) {
@@ -521,7 +535,7 @@ impl Node {
                     .behaviour_mut()
                     .sync
                     .inner
-                    .send_request(&peer_id, hello);
+                    .send_request(&peer_id, Framed::Message(hello));
                 let _ = self.net_events.try_send(NetEvent::PeerUp(peer_id));
             }
             SwarmEvent::ConnectionClosed {
@@ -618,11 +632,17 @@ impl Node {
         }
     }
 
-    fn on_sync_event(&mut self, event: request_response::Event<Request, Response>) {
+    fn on_sync_event(&mut self, event: request_response::Event<Framed<Request>, Response>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Framed::Malformed(reason),
+                    ..
+                } => self.drop_offender(peer, &format!("a malformed request: {reason}")),
+                request_response::Message::Request {
+                    request: Framed::Message(request),
+                    channel,
+                    ..
                 } => {
                     let response = match request {
                         Request::Hello {
@@ -694,6 +714,11 @@ impl Node {
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "inbound sync message failed: {error}");
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.drop_offender(peer, &format!("a malformed request: {e}"));
+                }
             }
             request_response::Event::OutboundFailure {
                 peer,
@@ -702,6 +727,11 @@ impl Node {
                 ..
             } => {
                 tracing::debug!(%peer, "outbound sync message failed: {error}");
+                if let request_response::OutboundFailure::Io(e) = &error
+                    && e.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.drop_offender(peer, &format!("a malformed answer: {e}"));
+                }
                 if let Some(reply) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(error.to_string()));
                 }
@@ -712,11 +742,17 @@ impl Node {
 }
 
 impl Node {
-    fn on_join_event(&mut self, event: request_response::Event<JoinRequest, JoinResponse>) {
+    fn on_join_event(&mut self, event: request_response::Event<Framed<JoinRequest>, JoinResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request: Framed::Malformed(reason),
+                    ..
+                } => self.drop_offender(peer, &format!("a malformed join request: {reason}")),
+                request_response::Message::Request {
+                    request: Framed::Message(request),
+                    channel,
+                    ..
                 } => {
                     if let Err(mpsc::error::TrySendError::Full(NetEvent::JoinRequest {
                         channel,
@@ -754,6 +790,15 @@ impl Node {
             request_response::Event::ResponseSent { .. } => {}
         }
     }
+}
+
+/// An inbound request: a message, or why it could not be one. (libp2p does
+/// not report a request that fails to decode, nor from whom; delivered like
+/// this, the node knows which peer to cut off.)
+#[derive(Debug)]
+pub enum Framed<T> {
+    Message(T),
+    Malformed(String),
 }
 
 /// Length-prefixed postcard frames of requests `Q` and responses `A`, at
@@ -811,14 +856,24 @@ where
     A: serde::Serialize + for<'de> serde::Deserialize<'de> + Send + Sync + 'static,
 {
     type Protocol = StreamProtocol;
-    type Request = Q;
+    type Request = Framed<Q>;
     type Response = A;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Q>
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Framed<Q>>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_frame(io, MAX).await
+        match read_frame(io, MAX).await {
+            Ok(message) => Ok(Framed::Message(message)),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Ok(Framed::Malformed(e.to_string()))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<A>
@@ -832,12 +887,18 @@ where
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: Q,
+        request: Framed<Q>,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &request).await
+        match request {
+            Framed::Message(request) => write_frame(io, &request).await,
+            Framed::Malformed(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a malformed request is never sent",
+            )),
+        }
     }
 
     async fn write_response<T>(

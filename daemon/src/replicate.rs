@@ -588,14 +588,24 @@ impl Replicator {
         };
         let lengths = lengths.clone();
         let store = store.clone();
+        let network = self.network.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
+            let offence = |reason: String| {
+                network.send(crate::network::Command::Disconnect {
+                    peer,
+                    reason: reason.clone(),
+                });
+                reason
+            };
             let mut verified = Vec::with_capacity(chunks.len());
             for (hash, stored) in chunks {
                 let Some(&len) = lengths.get(&hash) else {
-                    return Err(format!("the peer sent chunk {hash} that was not asked for"));
+                    return Err(offence(format!(
+                        "the peer sent chunk {hash} that was not asked for"
+                    )));
                 };
                 crate::store::decode_chunk(&hash, len, &stored)
-                    .map_err(|e| format!("the peer sent a bad chunk: {e}"))?;
+                    .map_err(|e| offence(format!("the peer sent a bad chunk: {e}")))?;
                 verified.push(EncodedChunk {
                     hash,
                     raw_len: len,

@@ -1,0 +1,265 @@
+//! A hostile peer for the tests: a device whose key the victim trusts,
+//! which breaks the sync protocol in one way per connection.
+//!
+//! Usage: `hostile_peer VICTIM_ADDR WORKSPACE_ID`. Prints its device ID,
+//! waits for a line on stdin (the victim now trusts it and shares the
+//! workspace with it), then for each attack connects, attacks, prints
+//! `ATTACK closed` once the victim has closed the connection, and finally
+//! `done`.
+//!
+//! The attacks: a frame announcing 4 GiB; an index entry whose path is
+//! `../escape.txt`; a chunk that decompresses to 512 MiB when 1,000 bytes
+//! were announced; a chunk whose bytes do not match its hash.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, StreamProtocol, noise, request_response, tcp, yamux};
+use mariesync_protocol::index::ChunkRef;
+use mariesync_protocol::version::VersionVector;
+use mariesync_protocol::wire::{self, Request, Response, SYNC_PROTOCOL};
+use mariesync_protocol::{ChunkHash, FileEntry, FileKind, RelPath, WorkspaceId};
+
+/// Bytes as they go on the wire (the length prefix included when written).
+#[derive(Debug, Clone)]
+struct Raw(Vec<u8>);
+
+#[derive(Clone, Default)]
+struct RawCodec;
+
+async fn read_raw<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Raw> {
+    let mut prefix = [0u8; 4];
+    io.read_exact(&mut prefix).await?;
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > 16 << 20 {
+        return Err(std::io::Error::other("too large"));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok(Raw(body))
+}
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Raw;
+    type Response = Raw;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Raw>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_raw(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Raw>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_raw(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        Raw(bytes): Raw,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&bytes).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        Raw(bytes): Raw,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&bytes).await?;
+        io.close().await
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Attack {
+    HugeLength,
+    EscapingPath,
+    DecompressionBomb,
+    WrongHash,
+}
+
+fn frame(message: &Response) -> Raw {
+    Raw(wire::encode(message).expect("encodable"))
+}
+
+fn request_frame(message: &Request) -> Raw {
+    Raw(wire::encode(message).expect("encodable"))
+}
+
+fn entry(path: &str, size: u32, hash: ChunkHash, by: &str) -> FileEntry {
+    let mut version = VersionVector::default();
+    version.bump(mariesync_protocol::DeviceKey::of_device_id(by));
+    FileEntry {
+        path: RelPath::new(path).expect("valid path"),
+        kind: FileKind::File,
+        size: u64::from(size),
+        mtime_ns: 1_700_000_000_000_000_000,
+        executable: false,
+        content_hash: hash,
+        chunks: vec![ChunkRef { hash, len: size }],
+        symlink_target: None,
+        deleted: false,
+        version,
+        sequence: 1,
+        modified_by: by.to_owned(),
+    }
+}
+
+/// What the hostile peer answers the victim's requests with.
+fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
+    let bomb_hash = ChunkHash::of(&[0u8; 1000]);
+    let honest_hash = ChunkHash::of(&[7u8; 100]);
+    match (attack, request) {
+        (Attack::EscapingPath, Request::IndexSince { .. }) => {
+            // A valid entry, then its path bytes rewritten: the same length,
+            // so the encoding stays well formed but for the path.
+            let index = Response::Index {
+                entries: vec![entry("aa/escape.txt", 100, honest_hash, me)],
+                last_sequence: 1,
+                more: false,
+            };
+            let mut bytes = wire::encode(&index).expect("encodable");
+            let at = bytes
+                .windows(13)
+                .position(|w| w == b"aa/escape.txt")
+                .expect("the path is in the frame");
+            bytes[at..at + 13].copy_from_slice(b"../escape.txt");
+            Raw(bytes)
+        }
+        (Attack::DecompressionBomb, Request::IndexSince { .. }) => frame(&Response::Index {
+            entries: vec![entry("bomb.bin", 1000, bomb_hash, me)],
+            last_sequence: 1,
+            more: false,
+        }),
+        (Attack::DecompressionBomb, Request::Chunks { .. }) => {
+            let mut stored = vec![1u8]; // zstd
+            stored.extend(zstd::bulk::compress(&vec![0u8; 512 << 20], 3).expect("compress"));
+            frame(&Response::Chunks {
+                chunks: vec![(bomb_hash, stored)],
+            })
+        }
+        (Attack::WrongHash, Request::IndexSince { .. }) => frame(&Response::Index {
+            entries: vec![entry("wrong.bin", 100, honest_hash, me)],
+            last_sequence: 1,
+            more: false,
+        }),
+        (Attack::WrongHash, Request::Chunks { .. }) => {
+            let mut stored = vec![0u8]; // raw
+            stored.extend([8u8; 100]);
+            frame(&Response::Chunks {
+                chunks: vec![(honest_hash, stored)],
+            })
+        }
+        (_, Request::IndexSince { since, .. }) => frame(&Response::Index {
+            entries: Vec::new(),
+            last_sequence: *since,
+            more: false,
+        }),
+        _ => frame(&Response::Ack),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let victim: Multiaddr = args
+        .next()
+        .expect("VICTIM_ADDR")
+        .parse()
+        .expect("multiaddr");
+    let workspace: WorkspaceId = args.next().expect("WORKSPACE_ID").parse().expect("id");
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(
+                    StreamProtocol::new(SYNC_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            )
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    let me = swarm.local_peer_id().to_string();
+    println!("{me}");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+
+    for attack in [
+        Attack::HugeLength,
+        Attack::EscapingPath,
+        Attack::DecompressionBomb,
+        Attack::WrongHash,
+    ] {
+        swarm.dial(victim.clone()).expect("dial");
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    if attack == Attack::HugeLength {
+                        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+                        bytes.extend([0u8; 64]);
+                        swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
+                    } else {
+                        let changed = Request::Changed {
+                            workspace,
+                            sequence: 1,
+                        };
+                        swarm
+                            .behaviour_mut()
+                            .send_request(&peer_id, request_frame(&changed));
+                    }
+                }
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                }) => {
+                    let reply = match wire::decode::<Request>(&request.0) {
+                        Ok(request) => answer(attack, &request, &me),
+                        Err(_) => frame(&Response::Ack),
+                    };
+                    let _ = swarm.behaviour_mut().send_response(channel, reply);
+                }
+                SwarmEvent::ConnectionClosed {
+                    num_established: 0, ..
+                } => {
+                    println!("{attack:?} closed");
+                    break;
+                }
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    panic!("cannot reach the victim: {error}");
+                }
+                _ => {}
+            }
+        }
+    }
+    println!("done");
+}
