@@ -28,7 +28,7 @@ fn two_devices_converge_through_edits_on_both_sides() {
     let (dir_a, dir_b, a, b) = pair();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
-    generate_tree(&root_a, 40, 600, 2, 3 << 20);
+    generate_tree(&root_a, 40, 2500, 2, 52 << 20);
     std::fs::create_dir_all(&root_b).unwrap();
     let ws = a.add_workspace(&root_a, "w");
     a.flush(&ws);
