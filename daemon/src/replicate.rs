@@ -155,6 +155,10 @@ impl Replicator {
                 ) {
                     Ok(received) => {
                         tracing::debug!(%peer, %workspace, ?received, "membership from a peer");
+                        if received != crate::sharing::Received::Offered {
+                            // An owner: it has the workspace.
+                            self.expect_acks(&daemon, workspace, peer);
+                        }
                         if received == crate::sharing::Received::Updated {
                             // Someone may have been added: pull from them.
                             self.pull_all(&daemon, workspace);
@@ -170,8 +174,13 @@ impl Replicator {
             Request::Changed { workspace, .. } => {
                 tracing::debug!(%peer, %workspace, "peer announced changes");
                 match daemon.sharing.role(workspace, &peer.to_string()) {
-                    Some(role) if role.can_write() => self.clone().pull(workspace, peer),
+                    Some(role) if role.can_write() => {
+                        self.expect_acks(&daemon, workspace, peer);
+                        self.clone().pull(workspace, peer)
+                    }
                     Some(role) => {
+                        // It still pulls from us.
+                        self.expect_acks(&daemon, workspace, peer);
                         tracing::info!(%peer, %workspace, "not accepting changes from a {role}");
                         daemon.events.publish(
                             event_kind::CHANGES_REFUSED,
@@ -264,6 +273,26 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// `peer` has `workspace` (it announced changes or sent its
+    /// membership), so it pulls what we change: `flush` waits for its
+    /// acknowledgement even before its first pull. Not for a viewer here,
+    /// whose changes nobody pulls.
+    fn expect_acks(&self, daemon: &Daemon, workspace: WorkspaceId, peer: PeerId) {
+        if daemon.workspace_number(workspace).is_none()
+            || !daemon
+                .sharing
+                .my_role(workspace)
+                .is_some_and(Role::can_write)
+        {
+            return;
+        }
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((workspace, peer))
+            .or_insert(0);
     }
 
     /// A device presents a ticket.
