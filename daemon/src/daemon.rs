@@ -603,23 +603,14 @@ impl Daemon {
                     .collect::<Result<Vec<_>, _>>()?;
                 let mut record = self
                     .store
-                    .peers()
+                    .peer(&p.device_id)
                     .map_err(store_err)?
-                    .into_iter()
-                    .find(|(id, _)| *id == p.device_id)
-                    .map(|(_, r)| r)
-                    .unwrap_or(PeerRecord {
-                        name: String::new(),
-                        addrs: Vec::new(),
-                        added_ms: workspace::now_ms(),
-                    });
+                    .unwrap_or_else(|| PeerRecord::new(String::new(), workspace::now_ms()));
                 if let Some(name) = p.name {
                     record.name = name;
                 }
                 for addr in &addrs {
-                    if !record.addrs.contains(&addr.to_string()) {
-                        record.addrs.push(addr.to_string());
-                    }
+                    record.add_addr(addr.to_string());
                 }
                 self.store
                     .put_peer(&p.device_id, &record)
@@ -1059,22 +1050,26 @@ impl Daemon {
         let mut out = Vec::new();
         for shared in shared {
             let status = shared.status();
-            let (files, bytes, conflicts) = match status.totals {
+            let totals = match status.totals {
                 Some(totals) => totals,
                 None => {
                     let files = self
                         .store
                         .files(shared.number, None)
                         .map_err(|e| store_rpc_error(&e))?;
-                    let totals = files
-                        .iter()
-                        .filter(|f| !f.entry.deleted && f.entry.kind == FileKind::File)
-                        .fold((0u64, 0u64, 0u64), |(n, b, c), f| {
-                            let conflict =
-                                mariesync_protocol::sync::parse_conflict_path(&f.entry.path)
-                                    .is_some();
-                            (n + 1, b + f.entry.size, c + u64::from(conflict))
-                        });
+                    let mut totals = workspace::Totals::default();
+                    for f in &files {
+                        let entry = &f.entry;
+                        totals.local_changes += u64::from(entry.modified_by == self.device_id);
+                        if !entry.deleted && entry.kind == FileKind::File {
+                            totals.files += 1;
+                            totals.bytes += entry.size;
+                            totals.conflicts += u64::from(
+                                mariesync_protocol::sync::parse_conflict_path(&entry.path)
+                                    .is_some(),
+                            );
+                        }
+                    }
                     shared
                         .status
                         .lock()
@@ -1094,9 +1089,9 @@ impl Daemon {
                 "name": shared.name,
                 "path": shared.root.display().to_string(),
                 "state": state,
-                "files": files,
-                "bytes": bytes,
-                                "conflicts": conflicts,
+                "files": totals.files,
+                "bytes": totals.bytes,
+                "conflicts": totals.conflicts,
             });
             if let Activity::Paused(reason) = &status.activity {
                 v["reason"] = reason.clone().into();
@@ -1115,14 +1110,7 @@ impl Daemon {
             }
             if role == Some(mariesync_protocol::membership::Role::Viewer) {
                 // What a viewer changed stays here: say how much.
-                let local = self
-                    .store
-                    .files(shared.number, None)
-                    .map_err(|e| store_rpc_error(&e))?
-                    .iter()
-                    .filter(|f| f.entry.modified_by == self.device_id)
-                    .count();
-                v["local_changes"] = local.into();
+                v["local_changes"] = totals.local_changes.into();
             }
             if detailed {
                 if status.activity == Activity::Scanning {

@@ -32,6 +32,10 @@ fn forbidden(message: String) -> RpcError {
     RpcError::new(ErrorCode::Forbidden, message)
 }
 
+fn ticket_refused(message: String) -> RpcError {
+    RpcError::new(ErrorCode::TicketRefused, message)
+}
+
 fn invalid(message: String) -> RpcError {
     RpcError::new(ErrorCode::InvalidParams, message)
 }
@@ -67,11 +71,9 @@ impl Daemon {
         }
         let trusted = self
             .store
-            .peers()
-            .map_err(|e| store_rpc_error(&e))?
-            .iter()
-            .any(|(id, _)| *id == p.device_id);
-        if !trusted {
+            .peer(&p.device_id)
+            .map_err(|e| store_rpc_error(&e))?;
+        if trusted.is_none() {
             return Err(invalid(format!(
                 "{} is not a trusted device; run `mariesync peer add {}` first (or use `mariesync invite`)",
                 p.device_id, p.device_id
@@ -215,16 +217,9 @@ impl Daemon {
         // a member, which can read nothing.
         let mut record = self
             .store
-            .peers()
+            .peer(&joiner)
             .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|(id, _)| *id == joiner)
-            .map(|(_, r)| r)
-            .unwrap_or(PeerRecord {
-                name: String::new(),
-                addrs: Vec::new(),
-                added_ms: now_ms(),
-            });
+            .unwrap_or_else(|| PeerRecord::new(String::new(), now_ms()));
         if record.name.is_empty() {
             record.name = name.to_owned();
         }
@@ -251,8 +246,7 @@ impl Daemon {
     }
 
     pub(crate) async fn join(self: &Arc<Self>, p: JoinParams) -> Result<Value, RpcError> {
-        let refused = |m: String| RpcError::new(ErrorCode::TicketRefused, m);
-        let ticket = Ticket::decode(&p.ticket).map_err(|e| refused(e.to_string()))?;
+        let ticket = Ticket::decode(&p.ticket).map_err(|e| ticket_refused(e.to_string()))?;
         let TicketKind::Workspace {
             workspace,
             name,
@@ -268,7 +262,9 @@ impl Daemon {
             .path
             .ok_or_else(|| invalid("a workspace ticket needs the PATH to sync into".into()))?;
         if ticket.device_id == self.device_id {
-            return Err(refused("this ticket was made by this very device".into()));
+            return Err(ticket_refused(
+                "this ticket was made by this very device".into(),
+            ));
         }
         if self.workspace_number(workspace).is_some() {
             return Err(RpcError::new(
@@ -279,43 +275,33 @@ impl Daemon {
         let inviter: PeerId = ticket
             .device_id
             .parse()
-            .map_err(|_| refused("the ticket names no valid device".into()))?;
-        let addrs: Vec<Multiaddr> = ticket.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            .map_err(|_| ticket_refused("the ticket names no valid device".into()))?;
+        let network = self
+            .network
+            .get()
+            .ok_or_else(|| RpcError::new(ErrorCode::ShuttingDown, "the network is not running"))?
+            .clone();
         // Like `git clone`: the folder may not exist yet. Checked fully
         // (overlaps, home) when the workspace is created.
         let created_dir = !std::path::Path::new(&path).exists();
         std::fs::create_dir_all(&path).map_err(|e| {
             RpcError::new(ErrorCode::InvalidPath, format!("cannot create {path}: {e}"))
         })?;
-        let undo_dir = || {
-            if created_dir {
-                let _ = std::fs::remove_dir(&path);
-            }
-        };
-        let network = self
-            .network
-            .get()
-            .ok_or_else(|| RpcError::new(ErrorCode::ShuttingDown, "the network is not running"))?
-            .clone();
 
-        // Trust the inviter (remembering whether it already was, to undo).
+        // Trust the inviter, remembering whether it already was.
+        let addrs: Vec<Multiaddr> = ticket.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         let this = self.clone();
-        let inviter_id = ticket.device_id.clone();
-        let inviter_name = ticket.device_name.clone();
+        let (inviter_id, inviter_name) = (ticket.device_id.clone(), ticket.device_name.clone());
         let addr_texts: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let was_trusted = tokio::task::spawn_blocking(move || -> Result<bool, RpcError> {
-            let peers = this.store.peers().map_err(|e| store_rpc_error(&e))?;
-            let existing = peers.into_iter().find(|(id, _)| *id == inviter_id);
+            let existing = this
+                .store
+                .peer(&inviter_id)
+                .map_err(|e| store_rpc_error(&e))?;
             let was_trusted = existing.is_some();
-            let mut record = existing.map(|(_, r)| r).unwrap_or(PeerRecord {
-                name: inviter_name,
-                addrs: Vec::new(),
-                added_ms: now_ms(),
-            });
+            let mut record = existing.unwrap_or_else(|| PeerRecord::new(inviter_name, now_ms()));
             for addr in addr_texts {
-                if !record.addrs.contains(&addr) {
-                    record.addrs.push(addr);
-                }
+                record.add_addr(addr);
             }
             this.store
                 .put_peer(&inviter_id, &record)
@@ -326,57 +312,74 @@ impl Daemon {
         .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
         network.send(Command::Trust {
             peer: inviter,
-            addrs: addrs.clone(),
+            addrs,
         });
-        let undo_trust = |this: &Arc<Daemon>| {
-            if !was_trusted {
-                let _ = this.store.remove_peer(&inviter.to_string());
-                network.send(Command::Distrust { peer: inviter });
-            }
-        };
 
+        let joined = self
+            .join_inviter(
+                &network,
+                inviter,
+                &ticket,
+                workspace,
+                name,
+                role,
+                path.clone(),
+            )
+            .await;
+        match &joined {
+            // Reconnect, so that the inviter, which trusts us now, admits us
+            // with the sync protocol.
+            Ok(_) => network.send(Command::Redial { peer: inviter }),
+            // Nothing changed here: no trust, no folder.
+            Err(_) => {
+                if !was_trusted {
+                    let _ = self.store.remove_peer(&inviter.to_string());
+                    network.send(Command::Distrust { peer: inviter });
+                }
+                if created_dir {
+                    let _ = std::fs::remove_dir(&path);
+                }
+            }
+        }
+        joined
+    }
+
+    /// Presents the ticket to the (now trusted) inviter and, welcomed, adds
+    /// the workspace at `path`.
+    #[allow(clippy::too_many_arguments)]
+    async fn join_inviter(
+        self: &Arc<Self>,
+        network: &crate::network::Network,
+        inviter: PeerId,
+        ticket: &Ticket,
+        workspace: mariesync_protocol::WorkspaceId,
+        name: String,
+        role: Role,
+        path: String,
+    ) -> Result<Value, RpcError> {
         let request = JoinRequest {
             secret: ticket.secret,
             device_name: crate::network::host_name(),
         };
-        let answer = tokio::time::timeout(JOIN_CONNECT_TIMEOUT, async {
-            // The join request dials by itself; retry while the inviter's
-            // gate or a dial race refuses the first attempt.
-            let mut last = String::new();
-            for _ in 0..20 {
-                match network.join(inviter, request.clone()).await {
-                    Ok(answer) => return Ok(answer),
-                    Err(e) => last = e,
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(last)
-        })
-        .await;
-        let answer = match answer {
+        let unreachable = |why: String| {
+            RpcError::new(
+                ErrorCode::PeerUnreachable,
+                format!("the inviting device {why} at {}", ticket.addrs.join(", ")),
+            )
+        };
+        let answer = match tokio::time::timeout(
+            JOIN_CONNECT_TIMEOUT,
+            network.join(inviter, request),
+        )
+        .await
+        {
             Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
-                undo_trust(self);
-                undo_dir();
-                return Err(RpcError::new(
-                    ErrorCode::PeerUnreachable,
-                    format!(
-                        "cannot reach the inviting device at {}: {e}",
-                        ticket.addrs.join(", ")
-                    ),
-                ));
-            }
+            Ok(Err(e)) => return Err(unreachable(format!("cannot be reached ({e})"))),
             Err(_) => {
-                undo_trust(self);
-                undo_dir();
-                return Err(RpcError::new(
-                    ErrorCode::PeerUnreachable,
-                    format!(
-                        "the inviting device did not answer within {}s at {}",
-                        JOIN_CONNECT_TIMEOUT.as_secs(),
-                        ticket.addrs.join(", ")
-                    ),
-                ));
+                return Err(unreachable(format!(
+                    "did not answer within {}s",
+                    JOIN_CONNECT_TIMEOUT.as_secs()
+                )));
             }
         };
         let (joined, joined_name, membership) = match answer {
@@ -384,34 +387,25 @@ impl Daemon {
                 workspace: Some(joined),
             } => joined,
             JoinResponse::Joined { workspace: None } => {
-                undo_trust(self);
-                undo_dir();
-                return Err(refused("the inviter sent no workspace".into()));
+                return Err(ticket_refused("the inviter sent no workspace".into()));
             }
-            JoinResponse::Refused { message } => {
-                undo_trust(self);
-                undo_dir();
-                return Err(refused(message));
-            }
+            JoinResponse::Refused { message } => return Err(ticket_refused(message)),
         };
         if joined != workspace
             || membership.role(&self.device_id) != Some(role)
             || membership.role(&ticket.device_id) != Some(Role::Owner)
         {
-            undo_trust(self);
-            undo_dir();
-            return Err(refused(
+            return Err(ticket_refused(
                 "the inviter's answer does not match its ticket".into(),
             ));
         }
-        let this = self.clone();
         let name = if joined_name.trim().is_empty() {
             name
         } else {
             joined_name
         };
-        let path_for_create = path.clone();
-        let created = tokio::task::spawn_blocking(move || {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
             // A name taken here falls back to the folder's name.
             let taken = this
                 .store
@@ -419,40 +413,25 @@ impl Daemon {
                 .map(|all| all.iter().any(|(_, r)| r.name == name))
                 .unwrap_or(false);
             let name = if taken { None } else { Some(name) };
-            this.create_workspace(&path_for_create, name, workspace, membership)
+            this.create_workspace(&path, name, workspace, membership)
         })
         .await
-        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?;
-        if created.is_err() {
-            undo_trust(self);
-            undo_dir();
-        } else {
-            // Reconnect, so that the inviter, which trusts us now, admits
-            // us with the sync protocol.
-            network.send(Command::Redial { peer: inviter });
-        }
-        created
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?
     }
 
     /// Remembers addresses a trusted peer announced, for the next start.
     pub(crate) fn remember_addrs(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let id = peer.to_string();
-        let Ok(peers) = self.store.peers() else {
+        let Ok(Some(mut record)) = self.store.peer(&id) else {
             return;
         };
-        let Some((_, mut record)) = peers.into_iter().find(|(p, _)| *p == id) else {
-            return;
-        };
-        let before = record.addrs.len();
+        let mut changed = false;
         for addr in addrs {
-            let addr = addr.to_string();
-            if !record.addrs.contains(&addr) && record.addrs.len() < TICKET_ADDRS_MAX {
-                record.addrs.push(addr);
+            if record.addrs.len() < TICKET_ADDRS_MAX {
+                changed |= record.add_addr(addr.to_string());
             }
         }
-        if record.addrs.len() != before
-            && let Err(e) = self.store.put_peer(&id, &record)
-        {
+        if changed && let Err(e) = self.store.put_peer(&id, &record) {
             tracing::warn!(%peer, "cannot remember the peer's addresses: {e}");
         }
     }

@@ -173,36 +173,40 @@ impl Network {
         }
     }
 
-    /// Sends `request` to `peer` and waits for its answer.
-    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, String> {
+    /// Sends the command `make` builds around a reply channel, and waits
+    /// for the reply.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, String> {
+        const GONE: &str = "the network task is gone";
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Request {
-                peer,
-                request,
-                reply,
-            })
+            .send(make(reply))
             .await
-            .map_err(|_| "the network task is gone".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the network task is gone".to_string())?
+            .map_err(|_| GONE.to_string())?;
+        answer.await.map_err(|_| GONE.to_string())?
     }
 
-    /// Presents a ticket to `peer` and waits for its answer.
+    /// Sends `request` to `peer` and waits for its answer.
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, String> {
+        self.ask(|reply| Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    /// Presents a ticket to `peer` (trusted here, so it is dialed) and
+    /// waits for its answer.
     pub async fn join(&self, peer: PeerId, request: JoinRequest) -> Result<JoinResponse, String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Join {
-                peer,
-                request,
-                reply,
-            })
-            .await
-            .map_err(|_| "the network task is gone".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the network task is gone".to_string())?
+        self.ask(|reply| Command::Join {
+            peer,
+            request,
+            reply,
+        })
+        .await
     }
 
     pub async fn respond_join(
@@ -316,6 +320,7 @@ pub fn start(
         backoff: HashMap::new(),
         pending: HashMap::new(),
         pending_joins: HashMap::new(),
+        waiting_joins: HashMap::new(),
         guests: HashMap::new(),
         discovered: HashMap::new(),
         net_events,
@@ -326,6 +331,8 @@ pub fn start(
     tokio::spawn(node.run(receiver, shutdown));
     Ok(Network { commands, state })
 }
+
+type WaitingJoin = (JoinRequest, oneshot::Sender<Result<JoinResponse, String>>);
 
 struct Node {
     swarm: Swarm<Behaviour>,
@@ -344,6 +351,8 @@ struct Node {
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
     pending_joins:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<JoinResponse, String>>>,
+    /// Tickets to present to trusted peers once connected.
+    waiting_joins: HashMap<PeerId, Vec<WaitingJoin>>,
     /// Untrusted devices connected to present a ticket, and since when.
     guests: HashMap<PeerId, Instant>,
     net_events: mpsc::Sender<NetEvent>,
@@ -374,8 +383,15 @@ impl Node {
                         self.swarm.behaviour_mut().gate.admit_guests(admit);
                     }
                     Some(Command::Join { peer, request, reply }) => {
-                        let id = self.swarm.behaviour_mut().join.send_request(&peer, Framed::Message(request));
-                        self.pending_joins.insert(id, reply);
+                        if self.is_connected(&peer) {
+                            self.send_join(peer, request, reply);
+                        } else {
+                            // Sent once connected: a request to a peer not
+                            // connected would dial it without its addresses.
+                            self.waiting_joins.entry(peer).or_default().push((request, reply));
+                            let addrs = self.known.get(&peer).cloned().unwrap_or_default();
+                            self.dial(peer, addrs);
+                        }
                     }
                     Some(Command::JoinRespond { channel, response }) => {
                         let _ = self.swarm.behaviour_mut().join.send_response(channel, response);
@@ -402,6 +418,20 @@ impl Node {
 
     fn is_connected(&self, peer: &PeerId) -> bool {
         self.swarm.is_connected(peer)
+    }
+
+    fn send_join(
+        &mut self,
+        peer: PeerId,
+        request: JoinRequest,
+        reply: oneshot::Sender<Result<JoinResponse, String>>,
+    ) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .join
+            .send_request(&peer, Framed::Message(request));
+        self.pending_joins.insert(id, reply);
     }
 
     fn set_trusted(&mut self, peer: PeerId, trusted: bool) {
@@ -452,6 +482,7 @@ impl Node {
 
     fn distrust(&mut self, peer: PeerId) {
         self.set_trusted(peer, false);
+        self.waiting_joins.remove(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
         self.known.remove(&peer);
         self.backoff.remove(&peer);
@@ -537,6 +568,9 @@ impl Node {
                     .inner
                     .send_request(&peer_id, Framed::Message(hello));
                 let _ = self.net_events.try_send(NetEvent::PeerUp(peer_id));
+                for (request, reply) in self.waiting_joins.remove(&peer_id).unwrap_or_default() {
+                    self.send_join(peer_id, request, reply);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,

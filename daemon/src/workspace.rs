@@ -104,9 +104,18 @@ pub struct Status {
     pub skipped: Vec<String>,
     pub case_clashes: Vec<(String, String)>,
     pub last_error: Option<String>,
-    /// (files, bytes, conflict copies) of the live index; None when it must
-    /// be recounted.
-    pub totals: Option<(u64, u64, u64)>,
+    /// Counts over the index; None when they must be recounted.
+    pub totals: Option<Totals>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Live files, their bytes, and how many of them are conflict copies.
+    pub files: u64,
+    pub bytes: u64,
+    pub conflicts: u64,
+    /// Entries (deletions too) whose last change was made on this device.
+    pub local_changes: u64,
 }
 
 /// What the IPC side can see of a worker.

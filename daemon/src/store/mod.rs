@@ -307,19 +307,7 @@ impl Store {
     }
 
     pub fn meta_put(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
-        let txn = self.begin_write()?;
-        {
-            let mut table = txn.open_table(META)?;
-            match value {
-                Some(v) => {
-                    table.insert(key, v)?;
-                }
-                None => {
-                    table.remove(key)?;
-                }
-            }
-        }
-        self.commit(txn)
+        self.meta_put_all(&[(key, value)])
     }
 
     /// Every metadata entry whose key starts with `prefix`.
@@ -794,6 +782,15 @@ impl Store {
             out.push((k.value().to_owned(), records::decode(v.value())?));
         }
         Ok(out)
+    }
+
+    pub fn peer(&self, device_id: &str) -> Result<Option<PeerRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PEERS)?;
+        table
+            .get(device_id)?
+            .map(|v| records::decode(v.value()))
+            .transpose()
     }
 
     pub fn put_peer(&self, device_id: &str, record: &PeerRecord) -> Result<()> {

@@ -37,6 +37,25 @@ pub struct PeerRecord {
     pub added_ms: u64,
 }
 
+impl PeerRecord {
+    pub fn new(name: String, added_ms: u64) -> PeerRecord {
+        PeerRecord {
+            name,
+            addrs: Vec::new(),
+            added_ms,
+        }
+    }
+
+    /// Adds `addr` unless it is known; whether it was new.
+    pub fn add_addr(&mut self, addr: String) -> bool {
+        let new = !self.addrs.contains(&addr);
+        if new {
+            self.addrs.push(addr);
+        }
+        new
+    }
+}
+
 /// What the scanner saw of a file when it last hashed it. If all of it is
 /// unchanged, the file is not read again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
