@@ -281,6 +281,16 @@ impl Device {
         result["workspace_id"].as_str().unwrap().to_owned()
     }
 
+    /// `self` and `other` trust each other (`other` is told where `self`
+    /// listens); returns once both are connected.
+    pub fn trust_each_other(&self, other: &Device) {
+        let (id_self, id_other) = (self.device_id(), other.device_id());
+        self.cli_json(&["peer", "add", &id_other]);
+        other.cli_json(&["peer", "add", &id_self, "--addr", &self.listen_addr()]);
+        self.wait_connected(&id_other);
+        other.wait_connected(&id_self);
+    }
+
     /// `self`, an owner of `workspace`, shares it with `other` as `role`
     /// (`share`); `other` accepts the offer into `path` (`workspace add
     /// --id`).

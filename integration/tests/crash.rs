@@ -120,9 +120,7 @@ fn kill9_of_the_receiver_during_a_transfer_resumes() {
     generate_tree(&root_a, 90, 400, 4, 32 << 20);
     let a = Device::start(dir_a.path());
     let mut b = Device::start(dir_b.path());
-    let (id_a, id_b) = (a.device_id(), b.device_id());
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    a.trust_each_other(&b);
     let ws = a.add_workspace(&root_a, "w");
     a.flush(&ws);
     let total = a.ok("store.stats", json!({}))["chunks"].as_u64().unwrap();

@@ -31,9 +31,7 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
     let (dir_a, dir_b) = (temp_dir(), temp_dir());
     let a = Device::start(dir_a.path());
     let b = Device::start(dir_b.path());
-    let (id_a, id_b) = (a.device_id(), b.device_id());
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    a.trust_each_other(&b);
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     generate_tree(&root_a, 95, 100, 0, 0);

@@ -88,9 +88,7 @@ fn a_restarted_peer_reconnects_by_itself() {
     let a = Device::start(dir_a.path());
     let mut b = Device::start(dir_b.path());
     let (id_a, id_b) = (a.device_id(), b.device_id());
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
-    a.wait_connected(&id_b);
+    a.trust_each_other(&b);
     b.restart();
     b.wait_connected(&id_a);
     a.wait_connected(&id_b);

@@ -9,11 +9,8 @@ fn pair() -> (tempfile::TempDir, tempfile::TempDir, Device, Device) {
     let (dir_a, dir_b) = (temp_dir(), temp_dir());
     let a = Device::start(dir_a.path());
     let b = Device::start(dir_b.path());
-    let (id_a, id_b) = (a.device_id(), b.device_id());
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
-    a.wait_connected(&id_b);
-    b.wait_connected(&id_a);
+
+    a.trust_each_other(&b);
     (dir_a, dir_b, a, b)
 }
 
@@ -128,8 +125,7 @@ fn concurrent_edits_become_identical_conflict_copies() {
     b.flush(&ws);
 
     // Heal.
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
+    a.trust_each_other(&b);
     wait_same("convergence after the partition", &root_a, &root_b);
     a.flush(&ws);
     b.flush(&ws);

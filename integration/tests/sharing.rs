@@ -53,9 +53,7 @@ fn a_viewers_changes_stay_local() {
     let a = Device::start(dir_a.path());
     let b = Device::start(dir_b.path());
     let (id_a, id_b) = (a.device_id(), b.device_id());
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
-    a.wait_connected(&id_b);
+    a.trust_each_other(&b);
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     generate_tree(&root_a, 61, 120, 0, 0);

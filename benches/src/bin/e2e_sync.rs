@@ -62,11 +62,7 @@ fn main() -> anyhow::Result<()> {
 
     let a = Device::start(&dir_a);
     let b = Device::start(&dir_b);
-    let (id_a, id_b) = (a.device_id(), b.device_id());
-    a.cli_json(&["peer", "add", &id_b]);
-    b.cli_json(&["peer", "add", &id_a, "--addr", &a.listen_addr()]);
-    a.wait_connected(&id_b);
-    b.wait_connected(&id_a);
+    a.trust_each_other(&b);
     let ws = a.add_workspace(&root_a, "bench");
     a.flush(&ws);
     let expected = tree_state(&root_a);

@@ -95,11 +95,7 @@ enum Attack {
     WrongHash,
 }
 
-fn frame(message: &Response) -> Raw {
-    Raw(wire::encode(message).expect("encodable"))
-}
-
-fn request_frame(message: &Request) -> Raw {
+fn frame(message: &impl serde::Serialize) -> Raw {
     Raw(wire::encode(message).expect("encodable"))
 }
 
@@ -232,7 +228,7 @@ async fn main() {
                         };
                         swarm
                             .behaviour_mut()
-                            .send_request(&peer_id, request_frame(&changed));
+                            .send_request(&peer_id, frame(&changed));
                     }
                 }
                 SwarmEvent::Behaviour(request_response::Event::Message {
