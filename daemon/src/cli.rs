@@ -59,9 +59,9 @@ enum Command {
         /// The workspace to invite into (owners only).
         #[arg(required_unless_present = "device")]
         workspace: Option<String>,
-        /// editor or viewer.
-        #[arg(long, default_value = "editor")]
-        role: String,
+        /// editor (the default) or viewer.
+        #[arg(long, conflicts_with = "device")]
+        role: Option<String>,
         /// How long the ticket stays good (`30m`, `24h`, `7d`).
         #[arg(long, default_value = "24h")]
         expires: String,
@@ -69,7 +69,8 @@ enum Command {
         #[arg(long, conflicts_with = "workspace")]
         device: bool,
     },
-    /// Use a ticket: trust the inviter and sync the workspace into PATH.
+    /// Use a ticket: trust the inviter and sync the workspace into PATH
+    /// (a device ticket takes no PATH: it joins the inviter's device group).
     Join {
         ticket: String,
         path: Option<PathBuf>,
@@ -84,6 +85,9 @@ enum Command {
     Flush { workspace: String },
     /// List conflict copies: the versions that lost a concurrent edit.
     Conflicts { workspace: String },
+    /// The user's settings, synced across their device group.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
     /// Create, list, compare and restore checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
@@ -119,6 +123,225 @@ struct DaemonArgs {
     /// Reach peers through this relay.
     #[arg(long)]
     relay: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    /// Print a setting, the settings under a prefix, or all of them.
+    Get {
+        key: Option<String>,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// Set KEY (a dotted path) to a JSON value (`14`, `'"dark"'`, `true`).
+    Set {
+        key: String,
+        value: String,
+        /// Keep this key on this device alone (machine-scoped).
+        #[arg(long)]
+        device_only: bool,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// Remove a setting.
+    Unset {
+        key: String,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// List the versions of the settings, newest first.
+    History {
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Put the settings back as they were at VERSION (undo: restore the
+    /// `undo` version it prints).
+    Restore { version: String },
+    /// Keep a JSON-with-comments settings file in step, both ways.
+    Bind { file: PathBuf },
+    /// Stop keeping the bound file in step.
+    Unbind,
+    /// Keybindings of a profile.
+    #[command(subcommand)]
+    Keybinding(KeybindingCommand),
+    /// Snippets of a profile.
+    #[command(subcommand)]
+    Snippet(SnippetCommand),
+    /// Extension intents: installs and uninstalls follow you.
+    #[command(subcommand)]
+    Extension(ExtensionCommand),
+    /// Profiles: named sets of settings, one active per device.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Subcommand)]
+enum KeybindingCommand {
+    List {
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    Add {
+        key: String,
+        command: String,
+        #[arg(long)]
+        when: Option<String>,
+        /// The command's arguments, as JSON.
+        #[arg(long)]
+        args: Option<String>,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    Remove {
+        key: String,
+        command: String,
+        #[arg(long)]
+        when: Option<String>,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnippetCommand {
+    List {
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// NAME (e.g. `rust/println`) and the snippet as JSON.
+    Set {
+        name: String,
+        value: String,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    Unset {
+        name: String,
+        #[arg(long)]
+        profile: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExtensionCommand {
+    List,
+    Install { id: String },
+    Uninstall { id: String },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    List,
+    /// A new profile, a copy of --from (default: the active one).
+    Create {
+        name: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Make NAME this device's active profile.
+    Use {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+fn json_arg(what: &str, text: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text).map_err(|e| {
+        Failure::Other(format!(
+            "{what} is not JSON ({e}); quote strings like '\"dark\"'"
+        ))
+    })
+}
+
+fn settings_call(command: SettingsCommand) -> Result<(&'static str, Value), Failure> {
+    use SettingsCommand as S;
+    Ok(match command {
+        S::Get { key, profile } => (
+            method::SETTINGS_GET,
+            json!({"key": key, "profile": profile}),
+        ),
+        S::Set {
+            key,
+            value,
+            device_only,
+            profile,
+        } => (
+            method::SETTINGS_SET,
+            json!({"key": key, "value": json_arg("VALUE", &value)?, "device_only": device_only, "profile": profile}),
+        ),
+        S::Unset { key, profile } => (
+            method::SETTINGS_UNSET,
+            json!({"key": key, "profile": profile}),
+        ),
+        S::History { limit } => (method::SETTINGS_HISTORY, json!({"limit": limit})),
+        S::Restore { version } => (method::SETTINGS_RESTORE, json!({"version": version})),
+        S::Bind { file } => {
+            let file = std::path::absolute(&file).unwrap_or(file);
+            (method::SETTINGS_BIND, json!({"file": file}))
+        }
+        S::Unbind => (method::SETTINGS_UNBIND, json!({})),
+        S::Keybinding(KeybindingCommand::List { profile }) => (
+            method::SETTINGS_KEYBINDING_LIST,
+            json!({"profile": profile}),
+        ),
+        S::Keybinding(KeybindingCommand::Add {
+            key,
+            command,
+            when,
+            args,
+            profile,
+        }) => {
+            let args = args.map(|a| json_arg("--args", &a)).transpose()?;
+            (
+                method::SETTINGS_KEYBINDING_ADD,
+                json!({"key": key, "command": command, "when": when, "args": args, "profile": profile}),
+            )
+        }
+        S::Keybinding(KeybindingCommand::Remove {
+            key,
+            command,
+            when,
+            profile,
+        }) => (
+            method::SETTINGS_KEYBINDING_REMOVE,
+            json!({"key": key, "command": command, "when": when, "profile": profile}),
+        ),
+        S::Snippet(SnippetCommand::List { profile }) => {
+            (method::SETTINGS_SNIPPET_LIST, json!({"profile": profile}))
+        }
+        S::Snippet(SnippetCommand::Set {
+            name,
+            value,
+            profile,
+        }) => (
+            method::SETTINGS_SNIPPET_SET,
+            json!({"name": name, "value": json_arg("VALUE", &value)?, "profile": profile}),
+        ),
+        S::Snippet(SnippetCommand::Unset { name, profile }) => (
+            method::SETTINGS_SNIPPET_UNSET,
+            json!({"name": name, "profile": profile}),
+        ),
+        S::Extension(ExtensionCommand::List) => (method::SETTINGS_EXTENSION_LIST, json!({})),
+        S::Extension(ExtensionCommand::Install { id }) => {
+            (method::SETTINGS_EXTENSION_INSTALL, json!({"id": id}))
+        }
+        S::Extension(ExtensionCommand::Uninstall { id }) => {
+            (method::SETTINGS_EXTENSION_UNINSTALL, json!({"id": id}))
+        }
+        S::Profile(ProfileCommand::List) => (method::SETTINGS_PROFILE_LIST, json!({})),
+        S::Profile(ProfileCommand::Create { name, from }) => (
+            method::SETTINGS_PROFILE_CREATE,
+            json!({"name": name, "from": from}),
+        ),
+        S::Profile(ProfileCommand::Use { name }) => {
+            (method::SETTINGS_PROFILE_USE, json!({"name": name}))
+        }
+        S::Profile(ProfileCommand::Delete { name }) => {
+            (method::SETTINGS_PROFILE_DELETE, json!({"name": name}))
+        }
+    })
 }
 
 #[derive(Subcommand)]
@@ -337,6 +560,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p));
             (method::JOIN, json!({"ticket": ticket, "path": path}))
         }
+        Command::Settings(command) => settings_call(command)?,
         Command::Flush { workspace } => (method::FLUSH, json!({"workspace": workspace})),
         Command::Conflicts { workspace } => (method::CONFLICTS, json!({"workspace": workspace})),
         Command::Checkpoint(CheckpointCommand::Create { workspace, message }) => (
@@ -452,6 +676,48 @@ fn print_human(name: &str, result: &Value) {
     };
     let _ = match name {
         method::ID => writeln!(out, "{}", str_of(&result["device_id"])),
+        method::JOIN if result["group"] == true => writeln!(
+            out,
+            "joined the device group of {} ({}); settings now sync with it",
+            str_of(&result["name"]),
+            str_of(&result["device_id"])
+        ),
+        method::SETTINGS_GET => {
+            if result["key"].is_null() {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&result["value"]).unwrap_or_default()
+                )
+            } else {
+                writeln!(out, "{}", result["value"])
+            }
+        }
+        method::SETTINGS_HISTORY => {
+            let mut r = Ok(());
+            for v in result["versions"].as_array().into_iter().flatten() {
+                r = writeln!(
+                    out,
+                    "{}  {}  {}  {}",
+                    &str_of(&v["version"])[..12.min(str_of(&v["version"]).len())],
+                    str_of(&v["time"]),
+                    &str_of(&v["device_id"])[..12.min(str_of(&v["device_id"]).len())],
+                    str_of(&v["summary"])
+                );
+            }
+            r
+        }
+        method::SETTINGS_RESTORE => writeln!(
+            out,
+            "restored {}; to undo: mariesync settings restore {}",
+            str_of(&result["restored"]),
+            str_of(&result["undo"])
+        ),
+        m if m.starts_with("settings.") => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(result).unwrap_or_default()
+        ),
         method::WORKSPACE_ADD | method::JOIN => writeln!(
             out,
             "added workspace {} at {}",
@@ -460,9 +726,14 @@ fn print_human(name: &str, result: &Value) {
         ),
         method::INVITE => writeln!(
             out,
-            "{}\n(single use, good until {}; on the other device: mariesync join TICKET PATH)",
+            "{}\n(single use, good until {}; on the other device: mariesync join TICKET{})",
             str_of(&result["ticket"]),
-            str_of(&result["expires"])
+            str_of(&result["expires"]),
+            if result["workspace_id"].is_null() {
+                ""
+            } else {
+                " PATH"
+            }
         ),
         method::STATUS | method::WORKSPACE_LIST => {
             if name == method::STATUS {

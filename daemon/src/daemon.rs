@@ -46,6 +46,8 @@ pub struct Daemon {
     pub events: Arc<EventLog>,
     /// Memberships, offers and tickets.
     pub sharing: crate::sharing::Sharing,
+    /// The settings documents of the device group.
+    pub settings: Arc<crate::settings::Settings>,
     workspaces: Mutex<BTreeMap<u32, workspace::Handle>>,
     /// The libp2p node, once started.
     pub(crate) network: std::sync::OnceLock<crate::network::Network>,
@@ -109,9 +111,13 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         events.clone(),
         &ids,
     )?;
+    let settings =
+        crate::settings::Settings::load(store.clone(), identity.device_id.clone(), events.clone())
+            .context("cannot load the settings documents")?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         sharing,
+        settings,
         paths: paths.clone(),
         store: store.clone(),
         device_key: DeviceKey::of_device_id(&identity.device_id),
@@ -161,6 +167,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         )?;
         let _ = daemon.network.set(network.clone());
+        daemon.settings.start(network.clone());
         let replicator = crate::replicate::Replicator::new(&daemon, network);
         tokio::spawn(replicator.clone().run(net_events));
         tokio::spawn(announce_changes(daemon.clone(), replicator.clone()));
@@ -631,8 +638,11 @@ impl Daemon {
                 if let (Some(network), Ok(peer)) = (self.network.get(), p.device_id.parse()) {
                     network.send(crate::network::Command::Distrust { peer });
                 }
+                // A device of the group leaves it everywhere.
+                self.settings.remove_device(&p.device_id)?;
                 Ok(json!({}))
             }
+            m if m.starts_with("settings.") => self.handle_settings(m, params),
             method::WORKSPACE_ADD => {
                 let p: WorkspaceAddParams = parse_params(params)?;
                 self.add_workspace(p)
@@ -792,6 +802,84 @@ impl Daemon {
             method::STORE_GC => {
                 let (chunks, bytes) = self.store.collect_garbage().map_err(store_err)?;
                 Ok(json!({ "chunks_removed": chunks, "bytes_freed": bytes }))
+            }
+            other => Err(RpcError::new(
+                ErrorCode::MethodNotFound,
+                format!("unknown method '{other}'"),
+            )),
+        }
+    }
+
+    fn handle_settings(&self, name: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        use mariesync_protocol::ipc::{
+            ExtensionParams, KeybindingParams, ProfileParams, SettingsBindParams,
+            SettingsGetParams, SettingsHistoryParams, SettingsRestoreParams, SettingsSetParams,
+            SettingsUnsetParams, SnippetParams,
+        };
+        let settings = &self.settings;
+        // The list methods take no parameters but a profile.
+        let scope = |params: Option<Value>| -> Result<Option<String>, RpcError> {
+            let p: SettingsGetParams = parse_params(Some(params.unwrap_or_else(|| json!({}))))?;
+            Ok(p.profile)
+        };
+        match name {
+            method::SETTINGS_GET => {
+                let p: SettingsGetParams = parse_params(Some(params.unwrap_or_else(|| json!({}))))?;
+                settings.get(p.key, p.profile)
+            }
+            method::SETTINGS_SET => {
+                let p: SettingsSetParams = parse_params(params)?;
+                settings.set(p.key, p.value, p.device_only, p.profile)
+            }
+            method::SETTINGS_UNSET => {
+                let p: SettingsUnsetParams = parse_params(params)?;
+                settings.unset(p.key, p.profile)
+            }
+            method::SETTINGS_HISTORY => {
+                let p: SettingsHistoryParams =
+                    parse_params(Some(params.unwrap_or_else(|| json!({}))))?;
+                Ok(settings.history(p.limit))
+            }
+            method::SETTINGS_RESTORE => {
+                let p: SettingsRestoreParams = parse_params(params)?;
+                settings.restore(&p.version)
+            }
+            method::SETTINGS_BIND => {
+                let p: SettingsBindParams = parse_params(params)?;
+                settings.bind(&p.file)
+            }
+            method::SETTINGS_UNBIND => settings.unbind(),
+            method::SETTINGS_KEYBINDING_LIST => settings.keybindings(scope(params)?),
+            method::SETTINGS_KEYBINDING_ADD => {
+                settings.keybinding(true, parse_params::<KeybindingParams>(params)?)
+            }
+            method::SETTINGS_KEYBINDING_REMOVE => {
+                settings.keybinding(false, parse_params::<KeybindingParams>(params)?)
+            }
+            method::SETTINGS_SNIPPET_LIST => settings.snippets(scope(params)?),
+            method::SETTINGS_SNIPPET_SET => {
+                settings.snippet(parse_params::<SnippetParams>(params)?, true)
+            }
+            method::SETTINGS_SNIPPET_UNSET => {
+                settings.snippet(parse_params::<SnippetParams>(params)?, false)
+            }
+            method::SETTINGS_EXTENSION_LIST => Ok(settings.extensions()),
+            method::SETTINGS_EXTENSION_INSTALL => {
+                settings.extension(&parse_params::<ExtensionParams>(params)?.id, true)
+            }
+            method::SETTINGS_EXTENSION_UNINSTALL => {
+                settings.extension(&parse_params::<ExtensionParams>(params)?.id, false)
+            }
+            method::SETTINGS_PROFILE_LIST => Ok(settings.profiles()),
+            method::SETTINGS_PROFILE_CREATE => {
+                let p: ProfileParams = parse_params(params)?;
+                settings.profile_create(&p.name, p.from)
+            }
+            method::SETTINGS_PROFILE_USE => {
+                settings.profile_use(&parse_params::<ProfileParams>(params)?.name)
+            }
+            method::SETTINGS_PROFILE_DELETE => {
+                settings.profile_delete(&parse_params::<ProfileParams>(params)?.name)
             }
             other => Err(RpcError::new(
                 ErrorCode::MethodNotFound,
@@ -1015,6 +1103,7 @@ impl Daemon {
                     "name": name,
                     "addrs": record.addrs,
                     "connected": address.is_some(),
+                    "group": peer.is_some_and(|p| self.settings.in_group(&p)),
                 });
                 if let Some(address) = address {
                     v["address"] = address.into();

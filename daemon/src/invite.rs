@@ -104,11 +104,27 @@ impl Daemon {
     }
 
     pub(crate) fn invite(self: &Arc<Self>, p: InviteParams) -> Result<Value, RpcError> {
-        if p.device {
-            return Err(RpcError::new(
-                ErrorCode::Unsupported,
-                "device groups come with settings sync, which this build does not have yet",
+        let lifetime = match p.expires.as_deref() {
+            None => Duration::from_secs(24 * 60 * 60),
+            Some(text) => humantime::parse_duration(text)
+                .map_err(|e| invalid(format!("--expires '{text}': {e}")))?,
+        };
+        if !(TICKET_LIFETIME_MIN..=TICKET_LIFETIME_MAX).contains(&lifetime) {
+            return Err(invalid(
+                "a ticket lasts between 1 second and 30 days".into(),
             ));
+        }
+        if p.device {
+            if p.workspace.is_some() || p.role.is_some() {
+                return Err(invalid(
+                    "a device ticket names no workspace nor role: the device gets the settings of this user".into(),
+                ));
+            }
+            let ticket = self.issue(TicketKind::Device, lifetime)?;
+            return Ok(json!({
+                "ticket": ticket.encode(),
+                "expires": crate::daemon::format_time(ticket.expires_ms),
+            }));
         }
         let text = p
             .workspace
@@ -125,18 +141,24 @@ impl Daemon {
                     .into(),
             ));
         }
-        let lifetime = match p.expires.as_deref() {
-            None => Duration::from_secs(24 * 60 * 60),
-            Some(text) => humantime::parse_duration(text)
-                .map_err(|e| invalid(format!("--expires '{text}': {e}")))?,
-        };
-        if !(TICKET_LIFETIME_MIN..=TICKET_LIFETIME_MAX).contains(&lifetime) {
-            return Err(invalid(
-                "a ticket lasts between 1 second and 30 days".into(),
-            ));
-        }
         let (_, workspace) = self.owned_workspace(&text, "invite into")?;
         let name = self.workspace_name(workspace).unwrap_or_default();
+        let kind = TicketKind::Workspace {
+            workspace,
+            name,
+            role,
+        };
+        let ticket = self.issue(kind, lifetime)?;
+        Ok(json!({
+            "ticket": ticket.encode(),
+            "workspace_id": workspace.to_string(),
+            "role": role.as_str(),
+            "expires": crate::daemon::format_time(ticket.expires_ms),
+        }))
+    }
+
+    /// Records a new ticket and opens the gate for its holder.
+    fn issue(&self, kind: TicketKind, lifetime: Duration) -> Result<Ticket, RpcError> {
         let network = self
             .network
             .get()
@@ -155,30 +177,19 @@ impl Daemon {
             ));
         }
         let expires_ms = now_ms() + lifetime.as_millis() as u64;
-        let kind = TicketKind::Workspace {
-            workspace,
-            name,
-            role,
-        };
         let secret = self
             .sharing
             .issue_ticket(kind.clone(), expires_ms)
             .map_err(|e| store_rpc_error(&e))?;
         network.send(Command::AdmitGuests(true));
-        let ticket = Ticket {
+        Ok(Ticket {
             device_id: self.device_id.clone(),
             device_name: crate::network::host_name(),
             addrs,
             secret,
             expires_ms,
             kind,
-        };
-        Ok(json!({
-            "ticket": ticket.encode(),
-            "workspace_id": workspace.to_string(),
-            "role": role.as_str(),
-            "expires": crate::daemon::format_time(expires_ms),
-        }))
+        })
     }
 
     /// Opens the gate to unknown devices while tickets are known.
@@ -200,11 +211,22 @@ impl Daemon {
         let joiner = peer.to_string();
         let kind = self.sharing.redeem_ticket(secret, &joiner, now_ms())?;
         self.update_gate();
-        let TicketKind::Workspace {
-            workspace, role, ..
-        } = kind
-        else {
-            return Err("device-group tickets are not supported by this build".into());
+        let (workspace, role) = match kind {
+            TicketKind::Workspace {
+                workspace, role, ..
+            } => (workspace, role),
+            TicketKind::Device => {
+                self.trust_joiner(peer, name)?;
+                self.settings
+                    .add_device(&joiner, name)
+                    .map_err(|e| e.message)?;
+                tracing::info!(%peer, "a device joined this device's group");
+                self.events.publish(
+                    mariesync_protocol::ipc::event_kind::DEVICE_JOINED,
+                    json!({"device_id": joiner, "name": name}),
+                );
+                return Ok(JoinResponse::Joined { workspace: None });
+            }
         };
         let current = self
             .sharing
@@ -215,6 +237,22 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         // Trust first: a crash after it leaves a trusted device that is not
         // a member, which can read nothing.
+        self.trust_joiner(peer, name)?;
+        self.sharing
+            .set(workspace, next.clone())
+            .map_err(|e| e.to_string())?;
+        if let Some(replicator) = self.replicator.get() {
+            replicator.push_membership(self, workspace);
+        }
+        tracing::info!(%peer, %workspace, %role, "a device joined with a ticket");
+        let name = self.workspace_name(workspace).unwrap_or_default();
+        Ok(JoinResponse::Joined {
+            workspace: Some((workspace, name, next)),
+        })
+    }
+
+    fn trust_joiner(&self, peer: PeerId, name: &str) -> Result<(), String> {
+        let joiner = peer.to_string();
         let mut record = self
             .store
             .peer(&joiner)
@@ -226,52 +264,48 @@ impl Daemon {
         self.store
             .put_peer(&joiner, &record)
             .map_err(|e| e.to_string())?;
-        self.sharing
-            .set(workspace, next.clone())
-            .map_err(|e| e.to_string())?;
         if let Some(network) = self.network.get() {
             network.send(Command::Trust {
                 peer,
                 addrs: Vec::new(),
             });
         }
-        if let Some(replicator) = self.replicator.get() {
-            replicator.push_membership(self, workspace);
-        }
-        tracing::info!(%peer, %workspace, %role, "a device joined with a ticket");
-        let name = self.workspace_name(workspace).unwrap_or_default();
-        Ok(JoinResponse::Joined {
-            workspace: Some((workspace, name, next)),
-        })
+        Ok(())
     }
 
     pub(crate) async fn join(self: &Arc<Self>, p: JoinParams) -> Result<Value, RpcError> {
         let ticket = Ticket::decode(&p.ticket).map_err(|e| ticket_refused(e.to_string()))?;
-        let TicketKind::Workspace {
-            workspace,
-            name,
-            role,
-        } = ticket.kind.clone()
-        else {
-            return Err(RpcError::new(
-                ErrorCode::Unsupported,
-                "device-group tickets come with settings sync, which this build does not have yet",
-            ));
-        };
-        let path = p
-            .path
-            .ok_or_else(|| invalid("a workspace ticket needs the PATH to sync into".into()))?;
         if ticket.device_id == self.device_id {
             return Err(ticket_refused(
                 "this ticket was made by this very device".into(),
             ));
         }
-        if self.workspace_number(workspace).is_some() {
-            return Err(RpcError::new(
-                ErrorCode::WorkspaceExists,
-                format!("workspace {workspace} is already added here"),
-            ));
-        }
+        let target = match ticket.kind.clone() {
+            TicketKind::Workspace {
+                workspace,
+                name,
+                role,
+            } => {
+                let path = p.path.clone().ok_or_else(|| {
+                    invalid("a workspace ticket needs the PATH to sync into".into())
+                })?;
+                if self.workspace_number(workspace).is_some() {
+                    return Err(RpcError::new(
+                        ErrorCode::WorkspaceExists,
+                        format!("workspace {workspace} is already added here"),
+                    ));
+                }
+                Some((workspace, name, role, path))
+            }
+            TicketKind::Device => {
+                if p.path.is_some() {
+                    return Err(invalid(
+                        "a device ticket joins a device group and takes no PATH".into(),
+                    ));
+                }
+                None
+            }
+        };
         let inviter: PeerId = ticket
             .device_id
             .parse()
@@ -283,10 +317,15 @@ impl Daemon {
             .clone();
         // Like `git clone`: the folder may not exist yet. Checked fully
         // (overlaps, home) when the workspace is created.
-        let created_dir = !std::path::Path::new(&path).exists();
-        std::fs::create_dir_all(&path).map_err(|e| {
-            RpcError::new(ErrorCode::InvalidPath, format!("cannot create {path}: {e}"))
-        })?;
+        let mut created_dir = None;
+        if let Some((_, _, _, path)) = &target {
+            if !std::path::Path::new(path).exists() {
+                created_dir = Some(path.clone());
+            }
+            std::fs::create_dir_all(path).map_err(|e| {
+                RpcError::new(ErrorCode::InvalidPath, format!("cannot create {path}: {e}"))
+            })?;
+        }
 
         // Trust the inviter, remembering whether it already was.
         let addrs: Vec<Multiaddr> = ticket.addrs.iter().filter_map(|a| a.parse().ok()).collect();
@@ -315,17 +354,13 @@ impl Daemon {
             addrs,
         });
 
-        let joined = self
-            .join_inviter(
-                &network,
-                inviter,
-                &ticket,
-                workspace,
-                name,
-                role,
-                path.clone(),
-            )
-            .await;
+        let joined = match target {
+            Some((workspace, name, role, path)) => {
+                self.join_inviter(&network, inviter, &ticket, workspace, name, role, path)
+                    .await
+            }
+            None => self.join_group(&network, inviter, &ticket).await,
+        };
         match &joined {
             // Reconnect, so that the inviter, which trusts us now, admits us
             // with the sync protocol.
@@ -336,12 +371,71 @@ impl Daemon {
                     let _ = self.store.remove_peer(&inviter.to_string());
                     network.send(Command::Distrust { peer: inviter });
                 }
-                if created_dir {
+                if let Some(path) = created_dir {
                     let _ = std::fs::remove_dir(&path);
                 }
             }
         }
         joined
+    }
+
+    /// Presents the ticket's secret to the (now trusted) inviter.
+    async fn present(
+        &self,
+        network: &crate::network::Network,
+        inviter: PeerId,
+        ticket: &Ticket,
+    ) -> Result<JoinResponse, RpcError> {
+        let request = JoinRequest {
+            secret: ticket.secret,
+            device_name: crate::network::host_name(),
+        };
+        let unreachable = |why: String| {
+            RpcError::new(
+                ErrorCode::PeerUnreachable,
+                format!("the inviting device {why} at {}", ticket.addrs.join(", ")),
+            )
+        };
+        match tokio::time::timeout(JOIN_CONNECT_TIMEOUT, network.join(inviter, request)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(unreachable(format!("cannot be reached ({e})"))),
+            Err(_) => Err(unreachable(format!(
+                "did not answer within {}s",
+                JOIN_CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Joins the inviter's device group: the settings documents merge at
+    /// the first sync, this device's own settings kept as a version.
+    async fn join_group(
+        self: &Arc<Self>,
+        network: &crate::network::Network,
+        inviter: PeerId,
+        ticket: &Ticket,
+    ) -> Result<Value, RpcError> {
+        match self.present(network, inviter, ticket).await? {
+            JoinResponse::Joined { workspace: None } => {}
+            JoinResponse::Joined { workspace: Some(_) } => {
+                return Err(ticket_refused(
+                    "the inviter's answer does not match its ticket".into(),
+                ));
+            }
+            JoinResponse::Refused { message } => return Err(ticket_refused(message)),
+        }
+        let this = self.clone();
+        let (id, name) = (ticket.device_id.clone(), ticket.device_name.clone());
+        tokio::task::spawn_blocking(move || {
+            this.settings.mark_premerge()?;
+            this.settings.add_device(&id, &name)
+        })
+        .await
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+        Ok(json!({
+            "device_id": ticket.device_id,
+            "name": ticket.device_name,
+            "group": true,
+        }))
     }
 
     /// Presents the ticket to the (now trusted) inviter and, welcomed, adds
@@ -357,31 +451,7 @@ impl Daemon {
         role: Role,
         path: String,
     ) -> Result<Value, RpcError> {
-        let request = JoinRequest {
-            secret: ticket.secret,
-            device_name: crate::network::host_name(),
-        };
-        let unreachable = |why: String| {
-            RpcError::new(
-                ErrorCode::PeerUnreachable,
-                format!("the inviting device {why} at {}", ticket.addrs.join(", ")),
-            )
-        };
-        let answer = match tokio::time::timeout(
-            JOIN_CONNECT_TIMEOUT,
-            network.join(inviter, request),
-        )
-        .await
-        {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(unreachable(format!("cannot be reached ({e})"))),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "did not answer within {}s",
-                    JOIN_CONNECT_TIMEOUT.as_secs()
-                )));
-            }
-        };
+        let answer = self.present(network, inviter, ticket).await?;
         let (joined, joined_name, membership) = match answer {
             JoinResponse::Joined {
                 workspace: Some(joined),

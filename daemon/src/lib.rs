@@ -23,6 +23,7 @@ pub mod materialize;
 pub mod network;
 pub mod replicate;
 pub mod scan;
+pub mod settings;
 pub mod sharing;
 pub mod store;
 pub mod workspace;

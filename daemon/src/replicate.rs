@@ -82,6 +82,7 @@ impl Replicator {
             match event {
                 NetEvent::PeerUp(peer) => {
                     let Ok(daemon) = self.daemon() else { return };
+                    daemon.settings.peer_up(peer);
                     for (workspace, _) in daemon.sharing.shared_with(&peer.to_string()) {
                         // Owners bring members up to date (and repeat offers
                         // the peer has not accepted yet).
@@ -108,6 +109,9 @@ impl Replicator {
                         .await;
                 }
                 NetEvent::PeerDown(peer) => {
+                    if let Ok(daemon) = self.daemon() {
+                        daemon.settings.peer_down(peer);
+                    }
                     self.acks
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -140,6 +144,14 @@ impl Replicator {
         };
         match request {
             Request::Hello { .. } => Response::Ack,
+            Request::Settings { doc, message } => {
+                let settings = daemon.settings.clone();
+                tokio::task::spawn_blocking(move || settings.serve(peer, &doc, &message))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        message: e.to_string(),
+                    })
+            }
             Request::Membership {
                 workspace,
                 name,

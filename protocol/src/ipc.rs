@@ -212,6 +212,26 @@ pub mod method {
     pub const SHARE: &str = "share";
     pub const INVITE: &str = "invite";
     pub const JOIN: &str = "join";
+    pub const SETTINGS_GET: &str = "settings.get";
+    pub const SETTINGS_SET: &str = "settings.set";
+    pub const SETTINGS_UNSET: &str = "settings.unset";
+    pub const SETTINGS_HISTORY: &str = "settings.history";
+    pub const SETTINGS_RESTORE: &str = "settings.restore";
+    pub const SETTINGS_BIND: &str = "settings.bind";
+    pub const SETTINGS_UNBIND: &str = "settings.unbind";
+    pub const SETTINGS_KEYBINDING_LIST: &str = "settings.keybinding.list";
+    pub const SETTINGS_KEYBINDING_ADD: &str = "settings.keybinding.add";
+    pub const SETTINGS_KEYBINDING_REMOVE: &str = "settings.keybinding.remove";
+    pub const SETTINGS_SNIPPET_LIST: &str = "settings.snippet.list";
+    pub const SETTINGS_SNIPPET_SET: &str = "settings.snippet.set";
+    pub const SETTINGS_SNIPPET_UNSET: &str = "settings.snippet.unset";
+    pub const SETTINGS_EXTENSION_LIST: &str = "settings.extension.list";
+    pub const SETTINGS_EXTENSION_INSTALL: &str = "settings.extension.install";
+    pub const SETTINGS_EXTENSION_UNINSTALL: &str = "settings.extension.uninstall";
+    pub const SETTINGS_PROFILE_LIST: &str = "settings.profile.list";
+    pub const SETTINGS_PROFILE_CREATE: &str = "settings.profile.create";
+    pub const SETTINGS_PROFILE_USE: &str = "settings.profile.use";
+    pub const SETTINGS_PROFILE_DELETE: &str = "settings.profile.delete";
     pub const STORE_STATS: &str = "store.stats";
     pub const STORE_VERIFY: &str = "store.verify";
     pub const STORE_GC: &str = "store.gc";
@@ -328,6 +348,94 @@ pub struct JoinParams {
     pub path: Option<String>,
 }
 
+/// `settings.get`, and the list methods: `profile` defaults to the
+/// device's active profile.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsGetParams {
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsSetParams {
+    pub key: String,
+    pub value: Value,
+    #[serde(default)]
+    pub device_only: bool,
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsUnsetParams {
+    pub key: String,
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsHistoryParams {
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsRestoreParams {
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsBindParams {
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeybindingParams {
+    pub key: String,
+    pub command: String,
+    #[serde(default)]
+    pub when: Option<String>,
+    #[serde(default)]
+    pub args: Option<Value>,
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnippetParams {
+    pub name: String,
+    /// For `settings.snippet.set`.
+    #[serde(default)]
+    pub value: Option<Value>,
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionParams {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileParams {
+    pub name: String,
+    /// For `settings.profile.create`: copy this profile.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscribeParams {
@@ -351,6 +459,14 @@ pub mod event_kind {
     pub const SCAN_FINISHED: &str = "scan_finished";
     pub const LOCAL_CHANGE: &str = "local_change";
     pub const CHECKPOINT_CREATED: &str = "checkpoint_created";
+    /// Settings changed: `keys`, `section`, `profile`, `device_id` (who
+    /// made the change), `origin` (`local` or `remote`).
+    pub const SETTINGS_CHANGED: &str = "settings_changed";
+    /// A bound settings file does not parse: `file`, `message`. Nothing
+    /// syncs from it until it does.
+    pub const SETTINGS_FILE_INVALID: &str = "settings_file_invalid";
+    /// A device joined this device's group: `device_id`, `name`.
+    pub const DEVICE_JOINED: &str = "device_joined";
     pub const RESTORE_FINISHED: &str = "restore_finished";
     pub const WATCHER_DEGRADED: &str = "watcher_degraded";
     pub const STORE_CORRUPT: &str = "store_corrupt";

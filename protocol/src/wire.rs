@@ -52,6 +52,9 @@ pub enum Request {
         name: String,
         membership: Membership,
     },
+    /// An Automerge sync message for one of the device group's documents
+    /// (devices of one group only).
+    Settings { doc: String, message: Vec<u8> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +74,10 @@ pub enum Response {
         chunks: Vec<(ChunkHash, Vec<u8>)>,
     },
     Ack,
+    /// The answer to a settings sync message, if there is one.
+    Settings {
+        message: Option<Vec<u8>>,
+    },
     Error {
         message: String,
     },

@@ -64,6 +64,9 @@ const CHECKPOINTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("ch
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// Small named values: schema version, counters, restore intents.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (document name, part number) -> Automerge bytes: part 0 a full save,
+/// the others incremental saves appended since, loaded in order.
+const SETTINGS_DOCS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("settings_docs");
 
 /// 2: chunk data keyed by ascending chunk number; 3: chunks in packs;
 /// 4: index entries name the device that made them.
@@ -241,6 +244,7 @@ impl Store {
             txn.open_table(SEQUENCES)?;
             txn.open_table(CHECKPOINTS)?;
             txn.open_table(PEERS)?;
+            txn.open_table(SETTINGS_DOCS)?;
             let mut meta = txn.open_table(META)?;
             if found.is_none() {
                 meta.insert("schema", SCHEMA_VERSION.to_le_bytes().as_slice())?;
@@ -328,19 +332,7 @@ impl Store {
     /// Writes several metadata entries in one durable commit.
     pub fn meta_put_all(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
         let txn = self.begin_write()?;
-        {
-            let mut table = txn.open_table(META)?;
-            for (key, value) in entries {
-                match value {
-                    Some(v) => {
-                        table.insert(*key, *v)?;
-                    }
-                    None => {
-                        table.remove(*key)?;
-                    }
-                }
-            }
-        }
+        put_meta(&txn, entries)?;
         self.commit(txn)
     }
 
@@ -808,6 +800,54 @@ impl Store {
         Ok(removed)
     }
 
+    // ---- settings documents -----------------------------------------------
+
+    /// The stored parts of a document, in load order.
+    pub fn doc_parts(&self, doc: &str) -> Result<Vec<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS_DOCS)?;
+        let mut out = Vec::new();
+        for row in table.range((doc, 0)..=(doc, u64::MAX))? {
+            out.push(row?.1.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Appends an incremental save, and metadata entries, in one durable
+    /// commit; returns how many parts the document has now.
+    pub fn doc_append(
+        &self,
+        doc: &str,
+        part: &[u8],
+        meta: &[(&str, Option<&[u8]>)],
+    ) -> Result<u64> {
+        let txn = self.begin_write()?;
+        let parts = {
+            let mut table = txn.open_table(SETTINGS_DOCS)?;
+            let next = table
+                .range((doc, 0)..=(doc, u64::MAX))?
+                .next_back()
+                .transpose()?
+                .map_or(0, |(k, _)| k.value().1 + 1);
+            table.insert((doc, next), part)?;
+            put_meta(&txn, meta)?;
+            next + 1
+        };
+        self.commit(txn)?;
+        Ok(parts)
+    }
+
+    /// Replaces every part of a document by one full save (compaction).
+    pub fn doc_replace(&self, doc: &str, full: &[u8]) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(SETTINGS_DOCS)?;
+            table.retain_in((doc, 0)..=(doc, u64::MAX), |_, _| false)?;
+            table.insert((doc, 0), full)?;
+        }
+        self.commit(txn)
+    }
+
     // ---- restore intents --------------------------------------------------
 
     pub fn restore_intent(&self, workspace: u32) -> Result<Option<CheckpointId>> {
@@ -1133,6 +1173,21 @@ fn u64_from(bytes: &[u8]) -> u64 {
     let n = bytes.len().min(8);
     b[..n].copy_from_slice(&bytes[..n]);
     u64::from_le_bytes(b)
+}
+
+fn put_meta(txn: &redb::WriteTransaction, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
+    let mut table = txn.open_table(META)?;
+    for (key, value) in entries {
+        match value {
+            Some(v) => {
+                table.insert(*key, *v)?;
+            }
+            None => {
+                table.remove(*key)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
