@@ -85,6 +85,8 @@ pub struct Device {
     extra_env: Vec<(String, String)>,
     /// Run inside this network namespace (LAN tests), with mDNS on.
     netns: Option<String>,
+    /// Listen on this loopback port at every (re)start: see `pin_port`.
+    port: Option<u16>,
 }
 
 impl Device {
@@ -103,6 +105,7 @@ impl Device {
             child: None,
             extra_env: Vec::new(),
             netns: Some(netns.to_owned()),
+            port: None,
         };
         device.launch();
         device
@@ -119,6 +122,7 @@ impl Device {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             netns: None,
+            port: None,
         };
         device.launch();
         device
@@ -144,8 +148,8 @@ impl Device {
             // interface; LAN tests make their own network namespaces.
             None => {
                 let mut c = Command::new(bin());
-                c.arg("daemon")
-                    .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+                let listen = format!("/ip4/127.0.0.1/tcp/{}", self.port.unwrap_or(0));
+                c.arg("daemon").args(["--listen", &listen, "--no-mdns"]);
                 c
             }
         };
@@ -276,6 +280,53 @@ impl Device {
         );
     }
 
+    /// Keeps this device's current port across restarts, as a device on a
+    /// network keeps its address: peers that remember it can dial it
+    /// again after a restart.
+    pub fn pin_port(&mut self) {
+        let addr = self.listen_addr();
+        let port = addr
+            .rsplit('/')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {addr}"));
+        self.port = Some(port);
+    }
+
+    /// Links `other` into this device's group (`invite --device` here,
+    /// `join` there); returns once both are connected.
+    pub fn link(&self, other: &Device) {
+        let ticket = self.cli_json(&["invite", "--device"])["ticket"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let joined = other.cli_json(&["join", &ticket]);
+        assert_eq!(joined["group"], true, "{joined}");
+        other.wait_connected(&self.device_id());
+        self.wait_connected(&other.device_id());
+    }
+
+    /// A setting's value on this device (`null` when unset).
+    pub fn setting(&self, key: &str) -> Value {
+        self.ok("settings.get", json!({"key": key}))["value"].clone()
+    }
+
+    /// Waits until `key` has `value` on this device.
+    pub fn wait_setting(&self, key: &str, value: &Value) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{key} = {value} on {}", self.home.display()),
+            || (self.setting(key) == *value).then_some(()),
+        );
+    }
+
+    /// A client subscribed to events from now on.
+    pub fn subscribe(&self) -> Client {
+        let mut client = self.client();
+        client.call("events.subscribe", json!({})).unwrap();
+        client
+    }
+
     pub fn add_workspace(&self, path: &Path, name: &str) -> String {
         let result = self.ok("workspace.add", json!({"path": path, "name": name}));
         result["workspace_id"].as_str().unwrap().to_owned()
@@ -362,6 +413,17 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The next event of `client` (subscribed) for which `wanted` holds.
+pub fn next_event(client: &mut Client, mut wanted: impl FnMut(&Value) -> bool) -> Value {
+    loop {
+        let event = client.next_notification().expect("an event").params;
+        assert_ne!(event["kind"], "gap", "events were lost");
+        if wanted(&event) {
+            return event;
+        }
     }
 }
 
