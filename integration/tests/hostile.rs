@@ -101,3 +101,78 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
     a.assert_store_integrity();
     assert_eq!(a.ok("store.verify", json!({}))["ok"], true);
 }
+
+/// A device of the group (it joined with a real device ticket) sends
+/// garbage, a rival document whose maps would replace the victim's, a
+/// corrupted message and an unknown document: each is refused, the stored
+/// settings are untouched (also after a restart), and the honest device
+/// keeps syncing both ways.
+#[test]
+fn garbage_settings_messages_harm_nothing() {
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let mut a = Device::start(dir_a.path());
+    let b = Device::start(dir_b.path());
+    a.link(&b);
+    a.cli_json(&["settings", "set", "editor.fontSize", "14"]);
+    a.cli_json(&[
+        "settings",
+        "extension",
+        "install",
+        "rust-lang.rust-analyzer",
+    ]);
+    b.wait_setting("editor.fontSize", &json!(14));
+    let before = a.ok("settings.get", json!({}));
+    let history_before = a.ok("settings.history", json!({}));
+
+    let ticket = a.cli_json(&["invite", "--device"])["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut hostile = Command::new(env!("CARGO_BIN_EXE_hostile_peer"))
+        .args(["settings", &ticket])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(hostile.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        lines.push(line.trim().to_owned());
+        line.clear();
+    }
+    assert!(hostile.wait().unwrap().success(), "{lines:?}");
+    let id_h = lines[0].clone();
+    assert_eq!(lines[1], "joined");
+    for (line, attack) in lines[2..]
+        .iter()
+        .zip(["garbage", "rival", "corrupt", "unknown"])
+    {
+        assert!(
+            line.starts_with(&format!("{attack} refused")),
+            "{lines:?}\n{}",
+            a.log()
+        );
+    }
+    assert_eq!(lines.last().unwrap(), "done");
+    assert!(a.log().contains("refused a settings message"));
+
+    // Nothing changed, in memory or on disk.
+    assert_eq!(a.ok("settings.get", json!({})), before);
+    assert_eq!(a.ok("settings.history", json!({})), history_before);
+    a.restart();
+    assert_eq!(a.ok("settings.get", json!({})), before);
+    assert_eq!(a.ok("settings.history", json!({})), history_before);
+
+    // The hostile device is forgotten by the group when removed.
+    a.cli_json(&["peer", "remove", &id_h]);
+    wait_until(
+        Duration::from_secs(30),
+        "b to forget the removed device",
+        || b.peer(&id_h).is_none().then_some(()),
+    );
+    // The honest device still syncs, both ways.
+    b.cli_json(&["settings", "set", "after.attack", "true"]);
+    a.wait_setting("after.attack", &json!(true));
+    a.cli_json(&["settings", "set", "and.back", "1"]);
+    b.wait_setting("and.back", &json!(1));
+}

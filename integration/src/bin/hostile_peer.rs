@@ -1,7 +1,8 @@
 //! A hostile peer for the tests: a device whose key the victim trusts,
 //! which breaks the sync protocol in one way per connection.
 //!
-//! Usage: `hostile_peer VICTIM_ADDR WORKSPACE_ID`. Prints its device ID,
+//! Usage: `hostile_peer VICTIM_ADDR WORKSPACE_ID` (or `hostile_peer settings
+//! TICKET`, see `settings_attacks`). Prints its device ID,
 //! waits for a line on stdin (the victim now trusts it and shares the
 //! workspace with it), then for each attack connects, attacks, prints
 //! `ATTACK closed` once the victim has closed the connection, and finally
@@ -172,14 +173,192 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
     }
 }
 
+type RawSwarm = libp2p::Swarm<request_response::Behaviour<RawCodec>>;
+
+/// A swarm with `keypair` that speaks only `protocol`, in raw frames.
+fn raw_swarm(keypair: libp2p::identity::Keypair, protocol: &'static str) -> RawSwarm {
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(
+                    StreamProtocol::new(protocol),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            )
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build()
+}
+
+/// Sends `request` to `peer` (dialing `addr`) and returns the answer,
+/// answering the victim's own requests meanwhile as a quiet peer would.
+async fn ask(swarm: &mut RawSwarm, addr: &Multiaddr, request: Raw) -> Raw {
+    let mut request = Some(request);
+    let mut pending = None;
+    if !swarm.connected_peers().any(|_| true) {
+        swarm.dial(addr.clone()).expect("dial");
+    } else {
+        let peer = *swarm.connected_peers().next().expect("a peer");
+        pending = Some(
+            swarm
+                .behaviour_mut()
+                .send_request(&peer, request.take().unwrap()),
+        );
+    }
+    loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if let Some(request) = request.take() {
+                    pending = Some(swarm.behaviour_mut().send_request(&peer_id, request));
+                }
+            }
+            SwarmEvent::Behaviour(request_response::Event::Message { message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let reply = match wire::decode::<Request>(&request.0) {
+                            Ok(Request::Settings { .. }) => {
+                                frame(&Response::Settings { message: None })
+                            }
+                            _ => frame(&Response::Ack),
+                        };
+                        let _ = swarm.behaviour_mut().send_response(channel, reply);
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } if Some(request_id) == pending => return response,
+                    _ => {}
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                panic!("cannot reach the victim: {error}");
+            }
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                panic!("the request failed: {error}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `hostile_peer settings TICKET`: joins the victim's device group with a
+/// device ticket, then sends settings sync messages that must not harm
+/// the victim's documents: garbage, a document of its own whose maps
+/// would replace the victim's, a corrupted message, an unknown document.
+/// Prints `NAME refused` for each refusal, then `done`.
+async fn settings_attacks(ticket: &str) {
+    use automerge::sync::SyncDoc;
+    use automerge::transaction::Transactable;
+    let ticket = mariesync_protocol::ticket::Ticket::decode(ticket).expect("a ticket");
+    let victim: Multiaddr = ticket.addrs[0].parse().expect("an address");
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    println!("{}", keypair.public().to_peer_id());
+
+    let mut join = raw_swarm(keypair.clone(), wire::JOIN_PROTOCOL);
+    let answer = ask(
+        &mut join,
+        &victim,
+        frame(&wire::JoinRequest {
+            secret: ticket.secret,
+            device_name: "hostile".into(),
+        }),
+    )
+    .await;
+    match wire::decode::<wire::JoinResponse>(&answer.0) {
+        Ok(wire::JoinResponse::Joined { workspace: None }) => println!("joined"),
+        other => panic!("not admitted: {other:?}"),
+    }
+    drop(join);
+
+    let mut sync = raw_swarm(keypair, SYNC_PROTOCOL);
+    let settings = |doc: &str, message: Vec<u8>| {
+        frame(&Request::Settings {
+            doc: doc.into(),
+            message,
+        })
+    };
+    let refused = |name: &str, answer: Raw| match wire::decode::<Response>(&answer.0) {
+        Ok(Response::Error { message }) => println!("{name} refused: {message}"),
+        other => panic!("{name} was not refused: {other:?}"),
+    };
+    let answer = ask(
+        &mut sync,
+        &victim,
+        settings("settings", b"\x42 not automerge at all".to_vec()),
+    )
+    .await;
+    refused("garbage", answer);
+
+    // A well-formed document of its own, with a "settings" map that would
+    // win over the victim's (a higher actor).
+    let mut rival = automerge::AutoCommit::new().with_actor(automerge::ActorId::from([0xff; 16]));
+    let map = rival
+        .put_object(automerge::ROOT, "settings", automerge::ObjType::Map)
+        .unwrap();
+    rival.put(&map, "default:editor.fontSize", "99").unwrap();
+    rival.commit();
+    let mut state = automerge::sync::State::new();
+    let mut corrupted = None;
+    for round in 0.. {
+        assert!(round < 10, "the victim never asked for the rival's changes");
+        let message = rival
+            .sync()
+            .generate_sync_message(&mut state)
+            .expect("a message");
+        let bytes = message.encode();
+        let answer = ask(&mut sync, &victim, settings("settings", bytes.clone())).await;
+        match wire::decode::<Response>(&answer.0) {
+            Ok(Response::Settings {
+                message: Some(reply),
+            }) => {
+                let reply = automerge::sync::Message::decode(&reply).unwrap();
+                rival
+                    .sync()
+                    .receive_sync_message(&mut state, reply)
+                    .unwrap();
+            }
+            Ok(Response::Error { message }) => {
+                println!("rival refused: {message}");
+                corrupted = Some(bytes);
+                break;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // The same changes with bytes flipped in the middle.
+    let mut bytes = corrupted.unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 8] {
+        *b ^= 0x5a;
+    }
+    let answer = ask(&mut sync, &victim, settings("settings", bytes)).await;
+    refused("corrupt", answer);
+    let answer = ask(&mut sync, &victim, settings("../secrets", vec![0x42])).await;
+    refused("unknown", answer);
+    println!("done");
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let victim: Multiaddr = args
-        .next()
-        .expect("VICTIM_ADDR")
-        .parse()
-        .expect("multiaddr");
+    let first = args.next().expect("VICTIM_ADDR or `settings`");
+    if first == "settings" {
+        settings_attacks(&args.next().expect("TICKET")).await;
+        return;
+    }
+    let victim: Multiaddr = first.parse().expect("multiaddr");
     let workspace: WorkspaceId = args.next().expect("WORKSPACE_ID").parse().expect("id");
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
