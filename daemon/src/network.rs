@@ -861,8 +861,9 @@ where
     let len = wire::check_length(prefix, max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     // Grown as bytes arrive, not allocated up front: a peer announcing 8 MiB
-    // and trickling bytes holds no more memory than it sent.
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    // and trickling bytes holds little more memory than it sent. The first
+    // megabyte is taken at once (fewer copies while a chunk answer grows).
+    let mut body = Vec::with_capacity(len.min(1024 * 1024));
     io.take(len as u64).read_to_end(&mut body).await?;
     if body.len() != len {
         return Err(std::io::Error::new(

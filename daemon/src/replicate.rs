@@ -48,6 +48,30 @@ const RETRY_LAST: Duration = Duration::from_secs(60);
 /// How long `flush` waits for peers to acknowledge.
 const FLUSH_ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The worker's answer to an `Apply` job: the first entry not applied.
+struct ApplyAnswer(oneshot::Receiver<Result<Option<u64>, RpcError>>);
+
+impl std::future::Future for ApplyAnswer {
+    type Output = Result<Option<u64>, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|answer| {
+            answer
+                .map_err(|_| "the workspace stopped".to_string())?
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+fn merge_failed(first: &mut Option<u64>, failed: Option<u64>) {
+    if let Some(failed) = failed {
+        *first = Some(first.map_or(failed, |f| f.min(failed)));
+    }
+}
+
 pub struct Replicator {
     /// Weak: the daemon owns the replicator; a strong reference back would
     /// keep the store open forever (and redb unclosed at exit).
@@ -484,7 +508,8 @@ impl Replicator {
     }
 
     /// Fetches what `entries` need and has the worker apply them, in groups
-    /// whose new chunks fit in memory. Returns the peer's sequence of the
+    /// whose new chunks fit in memory: while the worker applies one group,
+    /// the next one's chunks are fetched. Returns the peer's sequence of the
     /// first entry not applied, if any.
     async fn apply(
         &self,
@@ -500,58 +525,88 @@ impl Replicator {
         if !refused.is_empty() {
             tracing::warn!(%peer, %workspace, count = refused.len(), "refused entries last changed by a viewer");
         }
+        let store = daemon.store.clone();
+        let number = daemon
+            .workspace_number(workspace)
+            .ok_or("the workspace was removed")?;
         drop(daemon);
-        let mut first_failed: Option<u64> = None;
-        let mut group: Vec<FileEntry> = Vec::new();
+        let mut groups: Vec<Vec<FileEntry>> = vec![Vec::new()];
         let mut group_bytes = 0u64;
-        let mut rest = entries.into_iter().peekable();
-        while let Some(entry) = rest.next() {
-            group_bytes += entry.size;
-            group.push(entry);
-            if group_bytes >= APPLY_CHUNK_BYTES_MAX || rest.peek().is_none() {
-                let missing = self
-                    .job(workspace, |reply| Job::Plan {
-                        entries: group.clone(),
-                        reply,
-                    })
-                    .await?;
-                // Pinned from before they are stored until the entries
-                // that reference them are committed: GC keeps them, and a
-                // crash in between leaves them stored, not fetched again.
-                let store = self.daemon()?.store.clone();
-                let pins = store.pin(missing.iter().map(|c| c.hash).collect());
-                self.fetch(peer, workspace, &missing).await?;
-                let entries = std::mem::take(&mut group);
-                let (reply, answer) = oneshot::channel();
-                self.daemon()?
-                    .send_job(workspace, Job::Apply { entries, reply })
-                    .map_err(|e| e.to_string())?;
-                let failed = answer
-                    .await
-                    .map_err(|_| "the workspace stopped".to_string())?
-                    .map_err(|e| e.to_string())?;
-                drop(pins);
-                if let Some(failed) = failed {
-                    first_failed = Some(first_failed.map_or(failed, |f| f.min(failed)));
-                }
+        for entry in entries {
+            if group_bytes >= APPLY_CHUNK_BYTES_MAX {
+                groups.push(Vec::new());
                 group_bytes = 0;
             }
+            group_bytes += entry.size;
+            groups.last_mut().expect("a group").push(entry);
         }
-        Ok(first_failed)
-    }
-
-    async fn job<T>(
-        &self,
-        workspace: WorkspaceId,
-        make: impl FnOnce(oneshot::Sender<T>) -> Job,
-    ) -> Result<T, String> {
-        let (reply, answer) = oneshot::channel();
-        self.daemon()?
-            .send_job(workspace, make(reply))
-            .map_err(|e| e.to_string())?;
-        answer
-            .await
-            .map_err(|_| "the workspace stopped".to_string())
+        let mut first_failed: Option<u64> = None;
+        // The group being applied, and the pins of its chunks.
+        let mut applying: Option<(ApplyAnswer, crate::store::Pins)> = None;
+        let mut result = Ok(());
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            let plan_store = store.clone();
+            let planned = tokio::task::spawn_blocking(move || {
+                let missing = crate::workspace::plan_remote(&plan_store, number, &group);
+                (group, missing)
+            })
+            .await;
+            let (group, missing) = match planned {
+                Ok((group, Ok(missing))) => (group, missing),
+                Ok((_, Err(e))) => {
+                    result = Err(e.to_string());
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e.to_string());
+                    break;
+                }
+            };
+            // Pinned from before they are stored until the entries that
+            // reference them are committed: GC keeps them, and a crash in
+            // between leaves them stored, not fetched again.
+            let pins = store.pin(missing.iter().map(|c| c.hash).collect());
+            let started = std::time::Instant::now();
+            if let Err(e) = self.fetch(peer, workspace, &missing).await {
+                result = Err(e);
+                break;
+            }
+            tracing::debug!(%peer, %workspace, entries = group.len(), chunks = missing.len(), ms = started.elapsed().as_millis() as u64, "fetched a group's chunks");
+            // One group applies at a time, in order.
+            if let Some((answer, pins)) = applying.take() {
+                let failed = answer.await;
+                drop(pins);
+                match failed {
+                    Ok(failed) => merge_failed(&mut first_failed, failed),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let (reply, answer) = oneshot::channel();
+            if let Err(e) = self.daemon()?.send_job(
+                workspace,
+                Job::Apply {
+                    entries: group,
+                    reply,
+                },
+            ) {
+                result = Err(e.to_string());
+                break;
+            }
+            applying = Some((ApplyAnswer(answer), pins));
+        }
+        // Whatever happened, the group under way finishes before its pins go.
+        if let Some((answer, pins)) = applying.take() {
+            let failed = answer.await;
+            drop(pins);
+            match failed {
+                Ok(failed) => merge_failed(&mut first_failed, failed),
+                Err(e) => result = result.and(Err(e)),
+            }
+        }
+        result.map(|()| first_failed)
     }
 
     /// Fetches chunks from `peer`, several requests in flight, verifying

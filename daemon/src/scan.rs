@@ -31,7 +31,7 @@ pub const IGNORE_FILE: &str = ".mariesyncignore";
 
 /// A file written this recently may be written again within the same
 /// timestamp tick without its stat changing: don't trust its stat next time.
-const RACY_WINDOW_NS: i64 = 2_000_000_000;
+pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
 /// Files above this size are chunked as a stream instead of read whole.
 const WHOLE_READ_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// One commit holds at most this many entries or this many new chunk bytes.

@@ -44,6 +44,9 @@ const RETRY_UNSTABLE_MS: u64 = 250;
 const COOKIE_TIMEOUT_MS: u64 = 2000;
 /// Local changes announced one by one per scan; beyond, one summary event.
 const CHANGE_EVENTS_MAX: usize = 1000;
+/// From this many files in one apply, their bytes are made durable with one
+/// syncfs instead of an fsync each.
+const BATCH_SYNC_FILES_MIN: usize = 8;
 
 pub type Reply = oneshot::Sender<Result<Value, RpcError>>;
 
@@ -73,12 +76,6 @@ pub enum Job {
     },
     /// Chunks were dropped as corrupt: re-read the files that used them.
     Repair,
-    /// Which of these chunks, needed to apply a peer's entries, are missing.
-    Plan {
-        entries: Vec<FileEntry>,
-        reply: oneshot::Sender<Vec<ChunkRef>>,
-    },
-    /// Apply a peer's entries; `chunks` holds the missing ones, verified.
     /// Apply a peer's entries; the chunks they need are in the store
     /// (fetched, verified and pinned by the replicator).
     Apply {
@@ -401,9 +398,6 @@ impl Worker {
                     let _ = reply.send(result);
                 }
                 Job::Repair => self.repair(),
-                Job::Plan { entries, reply } => {
-                    let _ = reply.send(self.plan_remote(&entries).unwrap_or_default());
-                }
                 Job::Apply { entries, reply } => {
                     let result = if self.is_paused() {
                         Err(self.paused_error())
@@ -752,29 +746,6 @@ impl Worker {
         Ok(json!({}))
     }
 
-    /// The chunks that applying `entries` needs and the store lacks.
-    fn plan_remote(&self, entries: &[FileEntry]) -> Result<Vec<ChunkRef>, StoreError> {
-        let store = &self.context.store;
-        let reader = store.reader()?;
-        let mut missing = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for remote in entries {
-            if remote.kind != FileKind::File || remote.deleted || !valid_remote(remote) {
-                continue;
-            }
-            let local = store.file(self.shared.number, remote.path.as_str())?;
-            if sync::decide(local.as_ref().map(|l| &l.entry), remote) == sync::Decision::Ignore {
-                continue;
-            }
-            for chunk in &remote.chunks {
-                if seen.insert(chunk.hash) && !reader.contains(&chunk.hash)? {
-                    missing.push(*chunk);
-                }
-            }
-        }
-        Ok(missing)
-    }
-
     /// Applies a peer's entries: each path gets the version the sans-IO
     /// core picks, written atomically and only over what the index knows.
     /// Returns the peer's sequence of the first entry that could not be
@@ -803,13 +774,24 @@ impl Worker {
             .partition(|e| e.deleted && e.kind == FileKind::Directory);
         let mut dir_deletions = dir_deletions;
         dir_deletions.sort_by(|a, b| b.path.cmp(&a.path));
-        // New versions of plain files are written in parallel: each write
-        // is fsynced, and fsyncs one after another cost a millisecond each.
-        // Only this thread changes the index, so the decisions made here are
-        // the ones the loop below makes.
+        // New versions of plain files are written in parallel, beside their
+        // targets; then made durable together (one syncfs for a batch, an
+        // fsync each for a few), and only then renamed into place by the
+        // loop below. Only this thread changes the index, so the decisions
+        // made here are the ones the loop makes.
+        let started = std::time::Instant::now();
+        let candidates = entries
+            .iter()
+            .filter(|r| r.kind == FileKind::File && !r.deleted)
+            .count();
+        let durability = if materialize::BATCHED_DURABILITY && candidates >= BATCH_SYNC_FILES_MIN {
+            materialize::Durability::Batched
+        } else {
+            materialize::Durability::Fsync
+        };
         let mut prewritten: std::collections::HashMap<
             RelPath,
-            Result<Option<StatCache>, materialize::WriteError>,
+            Result<Pending, materialize::WriteError>,
         > = io_pool().install(|| {
             use rayon::prelude::*;
             entries
@@ -821,12 +803,34 @@ impl Worker {
                     (sync::decide(local_entry, remote) == sync::Decision::Apply).then(|| {
                         (
                             remote.path.clone(),
-                            write_remote(&root, remote, local_entry, &reader),
+                            prepare_remote(&root, remote, local_entry, &reader, durability),
                         )
                     })
                 })
                 .collect()
         });
+        let written_ms = started.elapsed().as_millis() as u64;
+        if durability == materialize::Durability::Batched
+            && prewritten.values().any(Result::is_ok)
+            && let Err(e) = materialize::sync_batch(&root)
+        {
+            // Nothing of this batch is known durable: none of it goes in.
+            tracing::warn!(workspace = %self.shared.name, "cannot make received files durable: {e}");
+            prewritten = prewritten
+                .into_iter()
+                .map(|(path, pending)| {
+                    if let Ok(pending) = pending {
+                        pending.prepared.discard();
+                    }
+                    let error = materialize::WriteError::Io {
+                        path: path.to_string(),
+                        source: std::io::Error::other(format!("syncfs: {e}")),
+                    };
+                    (path, Err(error))
+                })
+                .collect();
+        }
+        let synced_ms = started.elapsed().as_millis() as u64;
         let mut touched_dirs = BTreeSet::new();
         let mut received: Vec<(&str, Value)> = Vec::new();
         for remote in entries.into_iter().chain(dir_deletions) {
@@ -842,7 +846,7 @@ impl Worker {
             let outcome = match &decision {
                 sync::Decision::Ignore => continue,
                 sync::Decision::Apply => match prewritten.remove(&remote.path) {
-                    Some(outcome) => outcome,
+                    Some(pending) => pending.and_then(|p| p.finish(&remote)),
                     None => write_remote(&root, &remote, local_entry, &reader),
                 },
                 sync::Decision::Conflict {
@@ -935,13 +939,33 @@ impl Worker {
             }
         }
         drop(reader);
-        // Renames and deletions are durable before the index says so.
-        for dir in &touched_dirs {
-            materialize::sync_dir(dir);
+        for pending in prewritten.into_values().flatten() {
+            pending.prepared.discard();
         }
+        // Renames and deletions are durable before the index says so: one
+        // syncfs for a batch, else each directory's fsync.
+        let synced = durability == materialize::Durability::Batched
+            && !touched_dirs.is_empty()
+            && materialize::sync_batch(&root).is_ok();
+        if !synced {
+            for dir in &touched_dirs {
+                materialize::sync_dir(dir);
+            }
+        }
+        let renamed_ms = started.elapsed().as_millis() as u64;
         store
             .commit_batch(number, &batch, next, true)
             .map_err(store_err)?;
+        tracing::debug!(
+            workspace = %self.shared.name,
+            files = batch.upserts.len(),
+            dirs = touched_dirs.len(),
+            written_ms,
+            synced_ms,
+            renamed_ms,
+            committed_ms = started.elapsed().as_millis() as u64,
+            "applied a peer's entries"
+        );
         // Announced only once committed and durable: a peer told earlier
         // would pull before the entries can be served, and not again.
         for (kind, event) in received {
@@ -1233,6 +1257,47 @@ fn write_remote(
         std::fs::create_dir_all(&path).map_err(io)?;
         return Ok(None);
     }
+    prepare_remote(
+        root,
+        remote,
+        live_local,
+        reader,
+        materialize::Durability::Fsync,
+    )?
+    .finish(remote)
+}
+
+/// A plain file's or link's new version, written beside its target, and
+/// what the target must still be when it is renamed over it.
+struct Pending {
+    prepared: materialize::Prepared,
+    expected: Expected,
+}
+
+impl Pending {
+    fn finish(self, remote: &FileEntry) -> Result<Option<StatCache>, materialize::WriteError> {
+        let target = self.prepared.target().to_path_buf();
+        self.prepared.finish(self.expected)?;
+        Ok(written_stat(&target, remote))
+    }
+}
+
+/// Checks that the local version on disk is the one the index knows (else
+/// it is an edit not indexed yet: kept), then writes the new version beside
+/// it. The caller fsyncs the directory once for all the files it renames.
+fn prepare_remote(
+    root: &Path,
+    remote: &FileEntry,
+    local: Option<&FileEntry>,
+    reader: &ChunkReader,
+    durability: materialize::Durability,
+) -> Result<Pending, materialize::WriteError> {
+    let path = materialize::resolve_inside(root, &remote.path)?;
+    let io = |source| materialize::WriteError::Io {
+        path: remote.path.to_string(),
+        source,
+    };
+    let live_local = local.filter(|l| !l.deleted);
     let expected = match live_local {
         Some(l) if l.kind != FileKind::Directory => {
             let before = Identity::of(&path);
@@ -1250,16 +1315,29 @@ fn write_remote(
         }
         _ => Expected::Absent,
     };
-    // The caller fsyncs the directory once for all the files it wrote.
-    materialize::write_entry(
+    let prepared = materialize::prepare_entry(
         root,
         &crate::store::ManifestEntry::from_entry(remote),
         reader,
-        expected,
+        durability,
     )?;
-    // Cache the stat unless the write is recent enough to be racy (it is):
-    // the next scan re-reads it once and finds the same content.
-    Ok(None)
+    Ok(Pending { prepared, expected })
+}
+
+/// The stat to cache for a file just written from a peer's entry, so that
+/// the scan its watcher events start does not read it all again. Only when
+/// the file still has the size and the mtime we gave it, and that mtime is
+/// outside the racy window: a later write (an editor's, in place or by
+/// rename) sets a new mtime, and the next scan reads it. A fresh mtime (a
+/// file the peer saved a moment ago) keeps no cache: the next scan reads
+/// the file once, as for any recent write.
+fn written_stat(path: &Path, remote: &FileEntry) -> Option<StatCache> {
+    let stat = scan::stat_of(&std::fs::symlink_metadata(path).ok()?);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let settled = now_ns.saturating_sub(remote.mtime_ns) >= scan::RACY_WINDOW_NS;
+    (settled && stat.size == remote.size && stat.mtime_ns == remote.mtime_ns).then_some(stat)
 }
 
 /// Renames our losing version to its conflict name, if it is still what
@@ -1295,4 +1373,32 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The chunks `entries` need that the store lacks, for the entries the
+/// sans-IO core would apply now. Read-only: run beside the worker (a stale
+/// answer costs a chunk fetched for nothing, or an entry tried again later).
+pub fn plan_remote(
+    store: &Store,
+    number: u32,
+    entries: &[FileEntry],
+) -> Result<Vec<ChunkRef>, StoreError> {
+    let reader = store.reader()?;
+    let mut missing = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for remote in entries {
+        if remote.kind != FileKind::File || remote.deleted || !valid_remote(remote) {
+            continue;
+        }
+        let local = store.file(number, remote.path.as_str())?;
+        if sync::decide(local.as_ref().map(|l| &l.entry), remote) == sync::Decision::Ignore {
+            continue;
+        }
+        for chunk in &remote.chunks {
+            if seen.insert(chunk.hash) && !reader.contains(&chunk.hash)? {
+                missing.push(*chunk);
+            }
+        }
+    }
+    Ok(missing)
 }

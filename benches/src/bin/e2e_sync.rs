@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin mariesync
-//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20]
+//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--perf FILE]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -68,6 +68,20 @@ fn main() -> anyhow::Result<()> {
     let expected = tree_state(&root_a);
     let cpu_b_before = measure::cpu_seconds(b.pid());
 
+    // --perf FILE: a CPU profile of the receiver during the initial sync
+    // (`perf report -i FILE`).
+    let perf = args
+        .iter()
+        .position(|a| a == "--perf")
+        .and_then(|i| args.get(i + 1))
+        .map(|file| {
+            std::process::Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o", file])
+                .args(["-p", &b.pid().to_string()])
+                .spawn()
+                .expect("perf")
+        });
+
     // Initial sync: from sharing until B's tree is byte-identical.
     let started = Instant::now();
     a.share_with(&b, &ws, "editor", &root_b);
@@ -81,6 +95,11 @@ fn main() -> anyhow::Result<()> {
     });
     let initial = started.elapsed();
     let cpu_b_initial = measure::cpu_seconds(b.pid()) - cpu_b_before;
+    if let Some(mut perf) = perf {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+        let _ = perf.wait();
+    }
 
     // Catch-up: one mutation round on A, until A's flush is acknowledged.
     let listed = mariesync_integration::list_files(&root_a);
