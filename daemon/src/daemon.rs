@@ -1104,6 +1104,7 @@ impl Daemon {
                     "addrs": record.addrs,
                     "connected": address.is_some(),
                     "group": peer.is_some_and(|p| self.settings.in_group(&p)),
+                    "fetched_bytes": peer.and_then(|p| self.replicator.get().map(|r| r.fetched_from(&p))).unwrap_or(0),
                 });
                 if let Some(address) = address {
                     v["address"] = address.into();

@@ -82,6 +82,35 @@ pub struct Replicator {
     /// What each peer acknowledged of each workspace (its last `since`).
     acks: Mutex<HashMap<(WorkspaceId, PeerId), u64>>,
     acked: Notify,
+    /// Chunks some pull is fetching now: when several peers have the same
+    /// data, each chunk is asked of one of them, and the pulls share the
+    /// work request by request.
+    claimed: Mutex<HashSet<ChunkHash>>,
+    released: Notify,
+    /// Stored bytes fetched from each peer since the daemon started.
+    fetched_from: Mutex<HashMap<PeerId, u64>>,
+}
+
+/// Chunks claimed by one `Chunks` request, released when it ends however
+/// it ends.
+struct Claim<'a> {
+    replicator: &'a Replicator,
+    hashes: Vec<ChunkHash>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut claimed = self
+            .replicator
+            .claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for hash in &self.hashes {
+            claimed.remove(hash);
+        }
+        drop(claimed);
+        self.replicator.released.notify_waiters();
+    }
 }
 
 impl Replicator {
@@ -92,6 +121,9 @@ impl Replicator {
             running: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             acked: Notify::new(),
+            claimed: Mutex::new(HashSet::new()),
+            released: Notify::new(),
+            fetched_from: Mutex::new(HashMap::new()),
         })
     }
 
@@ -611,7 +643,9 @@ impl Replicator {
 
     /// Fetches chunks from `peer`, several requests in flight, verifying
     /// each chunk against its hash and length and committing it durably as
-    /// each answer arrives (pinned by the caller).
+    /// each answer arrives (pinned by the caller). Chunks another pull is
+    /// fetching at the same time (from another peer) are not asked for:
+    /// their arrival is awaited, and asked for here only if that pull fails.
     async fn fetch(
         &self,
         peer: PeerId,
@@ -623,7 +657,14 @@ impl Replicator {
         let lengths: Arc<HashMap<ChunkHash, u32>> =
             Arc::new(wanted.iter().map(|c| (c.hash, c.len)).collect());
         let mut pending: Vec<ChunkRef> = wanted.to_vec();
-        while !pending.is_empty() {
+        loop {
+            // What arrived meanwhile, through another pull, is not asked for.
+            let reader = store.reader().map_err(|e| e.to_string())?;
+            pending.retain(|c| !reader.contains(&c.hash).unwrap_or(false));
+            drop(reader);
+            if pending.is_empty() {
+                return Ok(());
+            }
             // Requests sized to what one answer carries.
             let mut requests: Vec<Vec<ChunkHash>> = Vec::new();
             let mut bytes = 0;
@@ -643,19 +684,95 @@ impl Replicator {
                     }
                 }
             }
+            // Each request claims its chunks when it is sent, not before:
+            // two pulls of the same data take turns.
             let mut answers = futures::stream::iter(requests)
-                .map(|ask| self.fetch_some(peer, workspace, ask, &lengths, &store))
+                .map(|ask| self.fetch_claimed(peer, workspace, ask, &lengths, &store))
                 .buffer_unordered(FETCHES_IN_FLIGHT);
-            let mut got = HashSet::new();
+            let mut progress = false;
             while let Some(answer) = answers.next().await {
-                got.extend(answer?);
+                progress |= answer?;
             }
-            if got.is_empty() {
+            drop(answers);
+            self.wait_unclaimed(&pending).await;
+            if !progress {
                 return Err(format!("the peer no longer has chunk {}", pending[0].hash));
             }
-            pending.retain(|c| !got.contains(&c.hash));
         }
-        Ok(())
+    }
+
+    /// Fetches the chunks of `ask` no other pull has claimed; whether
+    /// anything moved (chunks came, or another pull has them in hand).
+    async fn fetch_claimed(
+        &self,
+        peer: PeerId,
+        workspace: WorkspaceId,
+        ask: Vec<ChunkHash>,
+        lengths: &Arc<HashMap<ChunkHash, u32>>,
+        store: &Arc<crate::store::Store>,
+    ) -> Result<bool, String> {
+        let asked = ask.len();
+        let mut claim = {
+            let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+            Claim {
+                replicator: self,
+                hashes: ask.into_iter().filter(|h| claimed.insert(*h)).collect(),
+            }
+        };
+        // A chunk is committed before its claim is released: one neither
+        // claimed nor stored now is fetched by nobody else. Stored ones
+        // (fetched since this pass began) are not asked again.
+        let reader = store.reader().map_err(|e| e.to_string())?;
+        let stored: Vec<ChunkHash> = claim
+            .hashes
+            .iter()
+            .copied()
+            .filter(|h| reader.contains(h).unwrap_or(false))
+            .collect();
+        drop(reader);
+        if !stored.is_empty() {
+            claim.hashes.retain(|h| !stored.contains(h));
+            let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+            for hash in &stored {
+                claimed.remove(hash);
+            }
+        }
+        let others = claim.hashes.len() < asked;
+        if claim.hashes.is_empty() {
+            return Ok(others);
+        }
+        let got = self
+            .fetch_some(peer, workspace, claim.hashes.clone(), lengths, store)
+            .await?;
+        drop(claim);
+        Ok(!got.is_empty() || others)
+    }
+
+    /// Waits until no pull holds a claim on any of `chunks`.
+    async fn wait_unclaimed(&self, chunks: &[ChunkRef]) {
+        loop {
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = {
+                let claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+                chunks.iter().any(|c| claimed.contains(&c.hash))
+            };
+            if !busy {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Stored bytes fetched from `peer` since the daemon started.
+    pub fn fetched_from(&self, peer: &PeerId) -> u64 {
+        self.fetched_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// One `Chunks` request: what came back, verified and committed.
@@ -682,10 +799,11 @@ impl Replicator {
             Response::Error { message } => return Err(message),
             other => return Err(format!("unexpected answer {other:?}")),
         };
+        let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
         let lengths = lengths.clone();
         let store = store.clone();
         let network = self.network.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
+        let got = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
             let offence = |reason: String| {
                 network.send(crate::network::Command::Disconnect {
                     peer,
@@ -716,7 +834,14 @@ impl Replicator {
             Ok(verified.iter().map(|c| c.hash).collect())
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())??;
+        *self
+            .fetched_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_insert(0) += bytes;
+        Ok(got)
     }
 
     /// Sends `Changed` to one peer without waiting for its answer.

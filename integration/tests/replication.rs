@@ -278,3 +278,40 @@ fn three_devices_in_a_triangle_converge() {
         assert_no_junk(root);
     }
 }
+
+/// A device that joins a workspace two peers already have pulls from both
+/// at once, and fetches every chunk once: the pulls split the requests
+/// between the peers instead of each fetching everything.
+#[test]
+fn a_new_device_pulls_from_two_peers_and_fetches_each_chunk_once() {
+    let dirs = [temp_dir(), temp_dir(), temp_dir()];
+    let devices: Vec<Device> = dirs.iter().map(|d| Device::start(d.path())).collect();
+    let (a, b, c) = (&devices[0], &devices[1], &devices[2]);
+    a.trust_each_other(b);
+    a.trust_each_other(c);
+    b.trust_each_other(c);
+    let roots: Vec<_> = dirs.iter().map(|d| d.path().join("ws")).collect();
+    generate_tree(&roots[0], 90, 300, 12, 8 << 20);
+    let ws = a.add_workspace(&roots[0], "w");
+    a.share_with(b, &ws, "editor", &roots[1]);
+    wait_same("B's copy", &roots[0], &roots[1]);
+    b.flush(&ws);
+
+    a.share_with(c, &ws, "editor", &roots[2]);
+    wait_same("C's copy", &roots[0], &roots[2]);
+    let stats = c.ok("store.stats", json!({}));
+    // Every chunk C holds came from a peer, and none came twice.
+    assert_eq!(stats["fetched_chunks"], stats["chunks"], "{stats}");
+    let from = |peer: &Device| {
+        c.peer(&peer.device_id()).unwrap()["fetched_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let (from_a, from_b) = (from(a), from(b));
+    assert_eq!(from_a + from_b, stats["fetched_bytes"].as_u64().unwrap());
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both peers should have served part: {from_a} bytes from A, {from_b} from B"
+    );
+    assert_no_junk(&roots[2]);
+}
