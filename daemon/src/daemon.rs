@@ -65,6 +65,7 @@ const GC_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// Runs the daemon until SIGINT, SIGTERM or the `shutdown` method.
 pub fn run(options: Options) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let paths = options.paths;
     for dir in [&paths.config_dir, &paths.data_dir, &paths.runtime_dir] {
         create_private_dir(dir)?;
@@ -203,6 +204,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         ),
     }
     result
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per
+/// core), and each keeps the peak of what its thread once held: with the
+/// apply pool and tokio's threads, a receiver's peak RSS was 126 MiB with
+/// them and 77 MiB with two (`e2e_sync`). Called before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 /// Tells peers about local changes and pulls newly added workspaces. Events

@@ -41,7 +41,7 @@ use crate::workspace::Job;
 /// group needs is fetched (and committed) first, then the group applied.
 const APPLY_CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// `Chunks` requests in flight to one peer at most.
-const FETCHES_IN_FLIGHT: usize = 4;
+const FETCHES_IN_FLIGHT: usize = 2;
 /// A failed pull is retried after these delays (doubling) while connected.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_LAST: Duration = Duration::from_secs(60);

@@ -202,7 +202,7 @@ impl Store {
                 }
                 tracing::debug!("database repair {:.0}%", session.progress() * 100.0);
             })
-            .set_cache_size(64 * 1024 * 1024)
+            .set_cache_size(16 * 1024 * 1024)
             .create(path)?;
         let store = Store {
             db,
