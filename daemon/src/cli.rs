@@ -707,6 +707,38 @@ fn print_human(name: &str, result: &Value) {
             }
             r
         }
+        method::SETTINGS_SET => writeln!(
+            out,
+            "{} = {}{}",
+            str_of(&result["key"]),
+            result["value"],
+            if result["device_only"] == true {
+                " (this device only)"
+            } else {
+                ""
+            }
+        ),
+        method::SETTINGS_UNSET => writeln!(
+            out,
+            "{} {}",
+            str_of(&result["key"]),
+            if result["removed"] == true {
+                "unset"
+            } else {
+                "was not set"
+            }
+        ),
+        method::SETTINGS_EXTENSION_INSTALL | method::SETTINGS_EXTENSION_UNINSTALL => writeln!(
+            out,
+            "{}: {}{}",
+            str_of(&result["id"]),
+            str_of(&result["state"]),
+            if result["changed"] == true {
+                " (on every device of the group)"
+            } else {
+                " already"
+            }
+        ),
         method::SETTINGS_RESTORE => writeln!(
             out,
             "restored {}; to undo: mariesync settings restore {}",
