@@ -242,7 +242,10 @@ async fn announce_changes(daemon: Arc<Daemon>, replicator: Arc<crate::replicate:
                 continue;
             };
             match event["kind"].as_str() {
-                Some(event_kind::LOCAL_CHANGE) | Some(event_kind::FILE_RECEIVED) => {
+                // A long scan's durable progress is servable already.
+                Some(event_kind::LOCAL_CHANGE)
+                | Some(event_kind::FILE_RECEIVED)
+                | Some(event_kind::SCAN_PROGRESS) => {
                     changed.insert(id);
                 }
                 Some(event_kind::WORKSPACE_ADDED) => {

@@ -83,7 +83,14 @@ pub struct Scanner<'a> {
     /// Remove leftover temporary files of the daemon (at startup, when no
     /// write into the workspace can be in flight).
     pub clean_temp_files: bool,
+    /// Called after an intermediate commit of a long scan made the entries
+    /// so far durable (peers may pull them while the scan goes on).
+    pub on_durable: &'a (dyn Fn() + Sync),
 }
+
+/// A long scan makes its entries durable (and servable to peers) at least
+/// this often, instead of only at its end.
+const DURABLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -301,9 +308,10 @@ impl Scanner<'_> {
         }
         // Contents: hashed and compressed in parallel, batch by batch, while
         // a committer thread writes the previous batch. Intermediate commits
-        // are not durable; the last one is, which makes them all so. A
-        // crash before it loses nothing that was acknowledged: the next
-        // scan finds the same changes again.
+        // are durable only every `DURABLE_INTERVAL` (so that peers can pull
+        // a long scan's first entries while it goes on); the last one is,
+        // which makes them all so. A crash before it loses nothing that was
+        // acknowledged: the next scan finds the same changes again.
         let total_bytes: u64 = to_hash.iter().map(|(s, _)| s.stat.size).sum();
         self.progress
             .files_to_hash
@@ -314,9 +322,15 @@ impl Scanner<'_> {
         let outcome = std::thread::scope(|scope| -> Result<bool, ScanError> {
             let (sender, receiver) = std::sync::mpsc::sync_channel::<(Batch, u64)>(1);
             let committer = scope.spawn(move || -> Result<(), StoreError> {
+                let mut last_durable = std::time::Instant::now();
                 for (batch, next) in receiver {
+                    let durable = last_durable.elapsed() >= DURABLE_INTERVAL;
                     self.store
-                        .commit_batch(self.workspace, &batch, next, false)?;
+                        .commit_batch(self.workspace, &batch, next, durable)?;
+                    if durable {
+                        last_durable = std::time::Instant::now();
+                        (self.on_durable)();
+                    }
                 }
                 Ok(())
             });

@@ -620,7 +620,23 @@ impl Worker {
             let _ = self.ensure_watcher();
             self.shared.update(|s| s.activity = Activity::Scanning);
         }
+        let progress = &self.shared.progress;
+        let events = &self.context.events;
+        let workspace_id = self.shared.id.to_string();
+        let on_durable = || {
+            events.publish(
+                event_kind::SCAN_PROGRESS,
+                json!({
+                    "workspace_id": workspace_id,
+                    "files_hashed": progress.files_hashed.load(Ordering::Relaxed),
+                    "files_to_hash": progress.files_to_hash.load(Ordering::Relaxed),
+                    "bytes_hashed": progress.bytes_hashed.load(Ordering::Relaxed),
+                    "bytes_to_hash": progress.bytes_to_hash.load(Ordering::Relaxed),
+                }),
+            );
+        };
         let scanner = Scanner {
+            on_durable: &on_durable,
             store: &self.context.store,
             workspace: self.shared.number,
             root: &self.shared.root,
