@@ -200,13 +200,19 @@ impl Replicator {
         };
         match request {
             Request::Hello { .. } => Response::Ack,
-            Request::Settings { doc, message } => {
+            Request::Settings {
+                doc,
+                new_session,
+                message,
+            } => {
                 let settings = daemon.settings.clone();
-                tokio::task::spawn_blocking(move || settings.serve(peer, &doc, &message))
-                    .await
-                    .unwrap_or_else(|e| Response::Error {
-                        message: e.to_string(),
-                    })
+                tokio::task::spawn_blocking(move || {
+                    settings.serve(peer, &doc, new_session, &message)
+                })
+                .await
+                .unwrap_or_else(|e| Response::Error {
+                    message: e.to_string(),
+                })
             }
             Request::Membership {
                 workspace,

@@ -51,6 +51,9 @@ pub struct Sharing {
     device_id: String,
     events: Arc<EventLog>,
     memberships: Mutex<HashMap<WorkspaceId, Membership>>,
+    /// Held from reading a ticket to marking it used: two joiners
+    /// presenting one secret at once cannot both get in.
+    redeeming: Mutex<()>,
 }
 
 fn members_key(workspace: WorkspaceId) -> String {
@@ -99,6 +102,7 @@ impl Sharing {
             device_id,
             events,
             memberships: Mutex::new(memberships),
+            redeeming: Mutex::new(()),
         })
     }
 
@@ -298,6 +302,7 @@ impl Sharing {
         now_ms: u64,
     ) -> Result<TicketKind, String> {
         let key = ticket_key(secret);
+        let _redeeming = self.redeeming.lock().unwrap_or_else(|e| e.into_inner());
         let Some(bytes) = self.store.meta_get(&key).map_err(|e| e.to_string())? else {
             return Err(
                 "the inviting device does not know this ticket (was it made on another device?)"

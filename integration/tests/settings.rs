@@ -400,3 +400,58 @@ fn restore_an_old_version_and_undo_it() {
     }
     assert_eq!(a.setting("editor.fontSize"), json!(24));
 }
+
+/// A bound file deleted while the daemon is down is not taken for "every
+/// setting removed" nor rewritten as an empty file; when it comes back it
+/// is merged as at the first bind.
+#[test]
+fn a_bound_file_that_disappears_removes_nothing() {
+    let dir = temp_dir();
+    let mut a = Device::start(dir.path());
+    let file = dir.path().join("settings.json");
+    std::fs::write(
+        &file,
+        "{\n  \"editor.fontSize\": 14,\n  \"editor.tabSize\": 4\n}\n",
+    )
+    .unwrap();
+    a.cli_json(&["settings", "bind", file.to_str().unwrap()]);
+    assert_eq!(a.setting("editor.tabSize"), json!(4));
+    a.stop();
+    std::fs::remove_file(&file).unwrap();
+    a.start_again();
+    let mut events = a.client();
+    // Replayed (after a gap notice: the log starts anew at each start):
+    // the invalid-file event of the start.
+    events
+        .call("events.subscribe", json!({"since": 0}))
+        .unwrap();
+    let event = loop {
+        let event = events.next_notification().unwrap().params;
+        if event["kind"] == "settings_file_invalid" {
+            break event;
+        }
+    };
+    assert!(
+        event["message"].as_str().unwrap().contains("missing"),
+        "{event}"
+    );
+    assert!(!file.exists(), "the missing file was written");
+    assert_eq!(a.setting("editor.fontSize"), json!(14));
+
+    // Back, with one key only (an IDE that starts a new file): merged.
+    std::fs::write(&file, "{\n  // new\n  \"editor.wordWrap\": \"on\"\n}\n").unwrap();
+    a.wait_setting("editor.wordWrap", &json!("on"));
+    let text = wait_until(
+        Duration::from_secs(30),
+        "the settings back in the file",
+        || {
+            let text = std::fs::read_to_string(&file).ok()?;
+            text.contains("\"editor.tabSize\": 4").then_some(text)
+        },
+    );
+    assert!(
+        text.contains("// new") && text.contains("\"editor.fontSize\": 14"),
+        "{text}"
+    );
+    assert_eq!(a.setting("editor.tabSize"), json!(4));
+}

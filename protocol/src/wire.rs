@@ -56,6 +56,10 @@ pub enum Request {
     /// (devices of one group only).
     Settings {
         doc: String,
+        /// The sender starts over (its sync state for us is new): the
+        /// receiver forgets what it believes it sent us, or a message lost
+        /// on the way would never be sent again.
+        new_session: bool,
         #[serde(with = "serde_bytes")]
         message: Vec<u8>,
     },

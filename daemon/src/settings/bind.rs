@@ -304,30 +304,46 @@ impl Settings {
     /// Takes the file's edits since the base, unless it does not parse.
     fn read_file(&self, binding: &mut Binding) -> Result<(), String> {
         let text = read(&binding.path)?;
-        if text == binding.last_text && !binding.invalid {
+        if text.is_some() && text == binding.last_text && !binding.invalid {
             return Ok(());
         }
         let parsed = match &text {
             Some(text) => parse_settings(text),
-            None => Err("the file is missing".into()),
+            None => {
+                // A file that comes back is merged as at the first bind
+                // (nothing in it is taken as deleted), not diffed against
+                // what was there before.
+                if !binding.base.is_empty() {
+                    binding.base.clear();
+                    self.save_binding(binding)?;
+                }
+                Err("the file is missing".into())
+            }
         };
-        binding.last_text = text;
         let from_file = match parsed {
             Ok(map) => map,
             Err(message) => {
-                if !binding.invalid {
+                if !binding.invalid || text != binding.last_text {
                     tracing::warn!(file = %binding.path.display(), "the bound settings file is invalid, ignored until fixed: {message}");
+                    self.events.publish(
+                        event_kind::SETTINGS_FILE_INVALID,
+                        json!({"file": binding.path.display().to_string(), "message": message}),
+                    );
                 }
                 binding.invalid = true;
-                self.events.publish(
-                    event_kind::SETTINGS_FILE_INVALID,
-                    json!({"file": binding.path.display().to_string(), "message": message}),
-                );
+                binding.last_text = text;
                 return Ok(());
             }
         };
-        binding.invalid = false;
-        let changes = changes_between(&binding.base, &from_file);
+        let changes = if binding.base.is_empty() {
+            // Merging: what the file has goes in, nothing is removed.
+            changes_between(&BTreeMap::new(), &from_file)
+                .into_iter()
+                .filter(|(_, v)| v.is_some())
+                .collect()
+        } else {
+            changes_between(&binding.base, &from_file)
+        };
         let name = binding
             .path
             .file_name()
@@ -335,34 +351,46 @@ impl Settings {
             .to_string_lossy()
             .into_owned();
         let profile = self.active_profile();
+        // Taken only once stored: a failure leaves the edit to be read again.
         self.apply_file_changes(&profile, &changes, &format!("edit {name}"))
             .map_err(|e| e.message)?;
+        binding.invalid = false;
         binding.base = from_file;
+        binding.last_text = text;
         self.save_binding(binding)
     }
 
     /// Writes the document's changes since the base into the file.
     pub(super) fn write_back(&self, binding: &mut Binding) -> Result<(), String> {
-        // An edit not seen yet goes in first, so that it is not written over.
-        if read(&binding.path)? != binding.last_text {
-            self.read_file(binding)?;
-        }
-        if binding.invalid {
-            return Ok(());
-        }
-        let effective = self
-            .effective(&self.active_profile())
-            .map_err(|e| e.message)?;
-        let changes = changes_between(&binding.base, &effective);
-        if changes.is_empty() && binding.last_text.is_some() {
+        // A few rounds at most: an edit that lands while the new text is
+        // made is read first; a file that keeps changing brings its
+        // watcher back here anyway.
+        for _ in 0..3 {
+            // An edit not seen yet goes in first, so that it is not written over.
+            if read(&binding.path)? != binding.last_text {
+                self.read_file(binding)?;
+            }
+            if binding.invalid {
+                return Ok(());
+            }
+            let effective = self
+                .effective(&self.active_profile())
+                .map_err(|e| e.message)?;
+            let changes = changes_between(&binding.base, &effective);
+            if changes.is_empty() && binding.last_text.is_some() {
+                return self.save_binding(binding);
+            }
+            let text = edit_text(binding.last_text.as_deref().unwrap_or(""), &changes)?;
+            if read(&binding.path)? != binding.last_text {
+                continue;
+            }
+            write_atomic(&binding.path, &text)
+                .map_err(|e| format!("cannot write {}: {e}", binding.path.display()))?;
+            binding.last_text = Some(text);
+            binding.base = effective;
             return self.save_binding(binding);
         }
-        let text = edit_text(binding.last_text.as_deref().unwrap_or(""), &changes)?;
-        write_atomic(&binding.path, &text)
-            .map_err(|e| format!("cannot write {}: {e}", binding.path.display()))?;
-        binding.last_text = Some(text);
-        binding.base = effective;
-        self.save_binding(binding)
+        Ok(())
     }
 
     fn save_binding(&self, binding: &Binding) -> Result<(), String> {

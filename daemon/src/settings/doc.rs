@@ -351,14 +351,24 @@ impl Doc {
         Ok(old.entries())
     }
 
-    /// Bytes of the changes since the last save: what to append to storage.
-    pub fn save_incremental(&mut self) -> Vec<u8> {
+    /// Bytes of the changes since the last save (what to append to
+    /// storage), and the heads to pass to [`Doc::mark_saved`] once they are.
+    pub fn unsaved(&mut self) -> (Vec<u8>, Vec<ChangeHash>) {
         let heads = self.doc.get_heads();
         if heads == self.saved {
-            return Vec::new();
+            return (Vec::new(), heads);
         }
-        let bytes = self.doc.save_after(&self.saved);
+        (self.doc.save_after(&self.saved), heads)
+    }
+
+    pub fn mark_saved(&mut self, heads: Vec<ChangeHash>) {
         self.saved = heads;
+    }
+
+    /// [`Doc::unsaved`], counted as saved at once (tests, benchmarks).
+    pub fn save_incremental(&mut self) -> Vec<u8> {
+        let (bytes, heads) = self.unsaved();
+        self.mark_saved(heads);
         bytes
     }
 

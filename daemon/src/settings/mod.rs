@@ -100,6 +100,8 @@ pub struct Settings {
     /// Sync sessions under way per peer, and whether another was asked for.
     running: Mutex<HashMap<PeerId, bool>>,
     binding: Mutex<Option<bind::Binding>>,
+    /// Set when a document could not be reloaded after a failed write.
+    failed: std::sync::atomic::AtomicBool,
     me: std::sync::Weak<Settings>,
 }
 
@@ -131,6 +133,7 @@ impl Settings {
             state: Mutex::new(state),
             running: Mutex::new(HashMap::new()),
             binding: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
             me: me.clone(),
         });
         // Every device is in its own group.
@@ -139,7 +142,7 @@ impl Settings {
             settings
                 .commit(
                     DocKind::Devices,
-                    &[device_put(&me, &crate::network::host_name(), false)],
+                    &[device_put(&me, &crate::network::host_name())],
                     "this device",
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -184,26 +187,49 @@ impl Settings {
         kind: DocKind,
         meta: &[(&str, Option<&[u8]>)],
     ) -> Result<(), RpcError> {
-        let part = state.doc(kind).save_incremental();
-        let result = (|| {
-            if part.is_empty() {
-                if !meta.is_empty() {
-                    self.store.meta_put_all(meta)?;
-                }
-                return Ok(());
+        self.check_failed()?;
+        let (part, heads) = state.doc(kind).unsaved();
+        let appended = if part.is_empty() {
+            if meta.is_empty() {
+                Ok(None)
+            } else {
+                self.store.meta_put_all(meta).map(|()| None)
             }
-            let parts = self.store.doc_append(kind.name(), &part, meta)?;
+        } else {
+            self.store.doc_append(kind.name(), &part, meta).map(Some)
+        };
+        let parts = match appended {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.reload(state, kind);
+                return Err(store_err(e));
+            }
+        };
+        state.doc(kind).mark_saved(heads);
+        if let Some(parts) = parts {
             state.parts.insert(kind, parts);
+            // Compaction is an optimisation: the change is durable already.
             if parts > COMPACT_PARTS {
                 let full = state.doc(kind).save();
-                self.store.doc_replace(kind.name(), &full)?;
-                state.parts.insert(kind, 1);
+                match self.store.doc_replace(kind.name(), &full) {
+                    Ok(()) => {
+                        state.parts.insert(kind, 1);
+                    }
+                    Err(e) => tracing::warn!("cannot compact the {} document: {e}", kind.name()),
+                }
             }
-            Ok::<(), crate::store::StoreError>(())
-        })();
-        if let Err(e) = result {
-            self.reload(state, kind);
-            return Err(store_err(e));
+        }
+        Ok(())
+    }
+
+    /// After a store failure the documents in memory may hold what the
+    /// store does not: nothing is served or changed until a restart.
+    fn check_failed(&self) -> Result<(), RpcError> {
+        if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(RpcError::new(
+                ErrorCode::StoreFailed,
+                "settings are read-only after a storage failure; restart the daemon",
+            ));
         }
         Ok(())
     }
@@ -218,7 +244,11 @@ impl Settings {
             });
         match loaded {
             Ok(doc) => *state.doc(kind) = doc,
-            Err(e) => tracing::error!("cannot reload the {} document: {e}", kind.name()),
+            Err(e) => {
+                tracing::error!("cannot reload the {} document: {e}", kind.name());
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
         }
         state.peers.retain(|(_, k), _| *k != kind);
     }
@@ -301,28 +331,47 @@ impl Settings {
         self.lock().devices.get(DEVICES, device_id)
     }
 
+    /// Whether `device_id` is a device of this group: listed, and not
+    /// removed. A removal is a key of its own (`removed:ID`) that only a new
+    /// invitation deletes, so no concurrent rewrite of the device's entry
+    /// (its addresses) can undo it.
+    fn listed(&self, device_id: &str) -> bool {
+        let state = self.lock();
+        state.devices.get(DEVICES, device_id).is_some()
+            && state.devices.get(DEVICES, &tombstone(device_id)).is_none()
+    }
+
     /// Whether `peer` is a device of this group.
     pub fn in_group(&self, peer: &PeerId) -> bool {
-        self.device_entry(&peer.to_string())
-            .is_some_and(|e| e["removed"] != json!(true))
+        self.listed(&peer.to_string())
     }
 
     /// The other devices of the group.
     pub fn group(&self) -> Vec<String> {
-        self.lock()
-            .devices
-            .section_entries(DEVICES)
-            .into_iter()
-            .filter(|(id, e)| *id != self.device_id && e["removed"] != json!(true))
-            .map(|(id, _)| id)
+        let entries = self.lock().devices.section_entries(DEVICES);
+        entries
+            .keys()
+            .filter(|id| {
+                !id.starts_with(TOMBSTONE)
+                    && **id != self.device_id
+                    && !entries.contains_key(&tombstone(id))
+            })
+            .cloned()
             .collect()
     }
 
-    /// Adds a device to the group (both sides of a device ticket).
+    /// Adds a device to the group (both sides of a device ticket); a
+    /// device removed before comes back.
     pub fn add_device(&self, device_id: &str, name: &str) -> Result<(), RpcError> {
         self.commit(
             DocKind::Devices,
-            &[device_put(device_id, name, false)],
+            &[
+                device_put(device_id, name),
+                Edit::Delete {
+                    section: DEVICES,
+                    key: tombstone(device_id),
+                },
+            ],
             &format!("add device {name}"),
         )?;
         Ok(())
@@ -335,26 +384,28 @@ impl Settings {
             return Ok(());
         };
         let name = entry["name"].as_str().unwrap_or("").to_owned();
-        self.commit(
-            DocKind::Devices,
-            &[device_put(device_id, &name, true)],
-            &format!("remove device {name}"),
-        )?;
+        let edit = Edit::Put {
+            section: DEVICES,
+            key: tombstone(device_id),
+            value: json!({"removed_ms": crate::workspace::now_ms()}),
+        };
+        self.commit(DocKind::Devices, &[edit], &format!("remove device {name}"))?;
         Ok(())
     }
 
     /// Trusts every device of the group, forgets removed ones.
     fn apply_group(&self) {
         let devices = self.lock().devices.section_entries(DEVICES);
-        for (id, entry) in devices {
-            if id == self.device_id {
+        for (id, entry) in &devices {
+            let id = id.clone();
+            if id.starts_with(TOMBSTONE) || id == self.device_id {
                 continue;
             }
             let Ok(peer) = id.parse::<PeerId>() else {
                 continue;
             };
             let known = self.store.peer(&id).ok().flatten();
-            if entry["removed"] == json!(true) {
+            if devices.contains_key(&tombstone(&id)) {
                 if known.is_some() {
                     tracing::info!(%peer, "a device was removed from the group");
                     let _ = self.store.remove_peer(&id);
@@ -414,6 +465,10 @@ impl Settings {
         let Some(mut entry) = self.device_entry(&self.device_id) else {
             return;
         };
+        // What a peer put there may be anything.
+        if !entry.is_object() || !self.listed(&self.device_id) {
+            return;
+        }
         if addrs.is_empty() || entry["addrs"] == json!(addrs) {
             return;
         }
@@ -449,10 +504,18 @@ impl Settings {
     // ---- sync with peers -------------------------------------------------
 
     pub fn peer_up(self: &Arc<Self>, peer: PeerId) {
-        if self.in_group(&peer) {
-            self.refresh_own_addrs();
-            self.kick(peer);
+        if !self.in_group(&peer) {
+            return;
         }
+        // Storing goes off the async threads; the session starts after.
+        let this = self.clone();
+        let Some(runtime) = self.runtime.get() else {
+            return;
+        };
+        runtime.spawn_blocking(move || {
+            this.refresh_own_addrs();
+            this.kick(peer);
+        });
     }
 
     pub fn peer_down(&self, peer: PeerId) {
@@ -510,8 +573,9 @@ impl Settings {
 
     async fn sync_doc(self: &Arc<Self>, peer: PeerId, kind: DocKind) -> Result<(), String> {
         let network = self.network.get().ok_or("no network")?.clone();
+        self.check_failed().map_err(|e| e.message)?;
         for _ in 0..SESSION_ROUNDS_MAX {
-            let message = {
+            let (message, new_session) = {
                 let mut state = self.lock();
                 let State {
                     settings,
@@ -523,14 +587,16 @@ impl Settings {
                     DocKind::Settings => settings,
                     DocKind::Devices => devices,
                 };
+                let new_session = !peers.contains_key(&(peer, kind));
                 let sync_state = peers.entry((peer, kind)).or_insert_with(sync::State::new);
-                doc.generate_sync(sync_state)
+                (doc.generate_sync(sync_state), new_session)
             };
             let Some(message) = message else {
                 return Ok(());
             };
             let request = Request::Settings {
                 doc: kind.name().to_owned(),
+                new_session,
                 message,
             };
             match network.request(peer, request).await? {
@@ -551,14 +617,20 @@ impl Settings {
     }
 
     /// The sync protocol's `Settings` request (blocking: it stores).
-    pub fn serve(&self, peer: PeerId, doc: &str, message: &[u8]) -> Response {
+    pub fn serve(&self, peer: PeerId, doc: &str, new_session: bool, message: &[u8]) -> Response {
         let error = |message: String| Response::Error { message };
+        if let Err(e) = self.check_failed() {
+            return error(e.message);
+        }
         if !self.in_group(&peer) {
             return error(format!("{peer} is not a device of this device's group"));
         }
         let Some(kind) = DocKind::from_name(doc) else {
             return error(format!("no settings document '{doc}'"));
         };
+        if new_session {
+            self.lock().peers.remove(&(peer, kind));
+        }
         if let Err(e) = self.receive(peer, kind, message) {
             return error(e);
         }
@@ -1146,11 +1218,14 @@ impl Settings {
     }
 }
 
-fn device_put(device_id: &str, name: &str, removed: bool) -> Edit {
-    let mut value = json!({"name": name});
-    if removed {
-        value["removed"] = json!(true);
-    }
+const TOMBSTONE: &str = "removed:";
+
+fn tombstone(device_id: &str) -> String {
+    format!("{TOMBSTONE}{device_id}")
+}
+
+fn device_put(device_id: &str, name: &str) -> Edit {
+    let value = json!({"name": name});
     Edit::Put {
         section: DEVICES,
         key: device_id.to_owned(),

@@ -286,6 +286,7 @@ async fn settings_attacks(ticket: &str) {
     let settings = |doc: &str, message: Vec<u8>| {
         frame(&Request::Settings {
             doc: doc.into(),
+            new_session: false,
             message,
         })
     };
