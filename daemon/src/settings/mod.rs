@@ -7,7 +7,8 @@
 //! - `settings`: settings per profile (`PROFILE:KEY`), keybindings,
 //!   snippets, extension intents, the profiles themselves;
 //! - `devices`: the group, device ID -> name and addresses. A device that
-//!   appears there is trusted and dialed; one marked removed is forgotten.
+//!   appears there is trusted and dialed; one with a `removed:ID` key is
+//!   forgotten.
 //!
 //! Device-only keys and the active profile never enter a document: they
 //! live in the metadata table (`settings/local/...`, `settings/profile`).
