@@ -87,6 +87,7 @@ fn ingest(c: &mut Criterion) {
                         cancel: &cancel,
                         allow_empty: false,
                         clean_temp_files: false,
+                        on_durable: &|| {},
                     };
                     let report = scanner.run(&Scope::Full).unwrap();
                     assert!(report.hashed_bytes >= bytes);
