@@ -81,6 +81,16 @@ impl State {
             DocKind::Devices => &mut self.devices,
         }
     }
+
+    /// A document and the sync state with `peer` for it (made if new).
+    fn doc_and_sync(&mut self, kind: DocKind, peer: PeerId) -> (&mut Doc, &mut sync::State) {
+        let doc = match kind {
+            DocKind::Settings => &mut self.settings,
+            DocKind::Devices => &mut self.devices,
+        };
+        let sync_state = self.peers.entry((peer, kind)).or_default();
+        (doc, sync_state)
+    }
 }
 
 /// What a committed change did, for events and the bound file.
@@ -578,18 +588,8 @@ impl Settings {
         for _ in 0..SESSION_ROUNDS_MAX {
             let (message, new_session) = {
                 let mut state = self.lock();
-                let State {
-                    settings,
-                    devices,
-                    peers,
-                    ..
-                } = &mut *state;
-                let doc = match kind {
-                    DocKind::Settings => settings,
-                    DocKind::Devices => devices,
-                };
-                let new_session = !peers.contains_key(&(peer, kind));
-                let sync_state = peers.entry((peer, kind)).or_insert_with(sync::State::new);
+                let new_session = !state.peers.contains_key(&(peer, kind));
+                let (doc, sync_state) = state.doc_and_sync(kind, peer);
                 (doc.generate_sync(sync_state), new_session)
             };
             let Some(message) = message else {
@@ -636,17 +636,7 @@ impl Settings {
             return error(e);
         }
         let mut state = self.lock();
-        let State {
-            settings,
-            devices,
-            peers,
-            ..
-        } = &mut *state;
-        let doc = match kind {
-            DocKind::Settings => settings,
-            DocKind::Devices => devices,
-        };
-        let sync_state = peers.entry((peer, kind)).or_insert_with(sync::State::new);
+        let (doc, sync_state) = state.doc_and_sync(kind, peer);
         Response::Settings {
             message: doc.generate_sync(sync_state),
         }
@@ -656,19 +646,9 @@ impl Settings {
     fn receive(&self, peer: PeerId, kind: DocKind, message: &[u8]) -> Result<(), String> {
         let committed = {
             let mut state = self.lock();
-            let State {
-                settings,
-                devices,
-                peers,
-                ..
-            } = &mut *state;
-            let doc = match kind {
-                DocKind::Settings => settings,
-                DocKind::Devices => devices,
-            };
+            let (doc, sync_state) = state.doc_and_sync(kind, peer);
             let before = doc.entries();
             let heads = doc.heads();
-            let sync_state = peers.entry((peer, kind)).or_insert_with(sync::State::new);
             match doc.receive_sync(sync_state, message) {
                 Ok(false) => return Ok(()),
                 Ok(true) => {}
