@@ -26,7 +26,7 @@ use notify::Watcher;
 use serde_json::{Value, json};
 
 use super::doc::SETTINGS;
-use super::{DocKind, Edit, META_LOCAL, Settings, store_err};
+use super::{DocKind, Edit, Settings, store_err};
 
 const META_BIND: &str = "settings/bind";
 
@@ -408,19 +408,10 @@ impl Settings {
         summary: &str,
     ) -> Result<(), RpcError> {
         let mut edits = Vec::new();
-        let mut local: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        let mut local = Vec::new();
         for (key, value) in changes {
-            let local_key = format!("{META_LOCAL}{profile}:{key}");
-            if self
-                .store
-                .meta_get(&local_key)
-                .map_err(store_err)?
-                .is_some()
-            {
-                local.push((
-                    local_key,
-                    value.as_ref().map(|v| v.to_string().into_bytes()),
-                ));
+            if self.is_device_only(profile, key)? {
+                local.push((key.clone(), value.clone()));
                 continue;
             }
             let key = format!("{profile}:{key}");
@@ -436,13 +427,7 @@ impl Settings {
                 },
             });
         }
-        if !local.is_empty() {
-            let entries: Vec<(&str, Option<&[u8]>)> = local
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_deref()))
-                .collect();
-            self.store.meta_put_all(&entries).map_err(store_err)?;
-        }
+        self.write_device_only(profile, &local)?;
         if !edits.is_empty() {
             self.commit(DocKind::Settings, &edits, summary)?;
         }

@@ -798,25 +798,9 @@ impl Settings {
         let profile = self.profile_or_active(profile)?;
         check_key(&key)?;
         check_value(&value)?;
-        let local_key = format!("{META_LOCAL}{profile}:{key}");
         // A key that is device-only here stays so until it is unset.
-        let device_only = device_only
-            || self
-                .store
-                .meta_get(&local_key)
-                .map_err(store_err)?
-                .is_some();
-        if device_only {
-            let bytes = serde_json::to_vec(&value).expect("JSON");
-            self.store
-                .meta_put(&local_key, Some(&bytes))
-                .map_err(store_err)?;
-            self.events.publish(
-                event_kind::SETTINGS_CHANGED,
-                json!({"section": SETTINGS, "profile": profile, "keys": [key],
-                       "device_id": self.device_id, "device_ids": [self.device_id],
-                       "origin": "local", "device_only": true}),
-            );
+        if device_only || self.is_device_only(&profile, &key)? {
+            self.write_device_only(&profile, &[(key.clone(), Some(value.clone()))])?;
             self.refresh_bound_file();
             return Ok(
                 json!({"key": key, "profile": profile, "value": value, "device_only": true}),
@@ -837,20 +821,8 @@ impl Settings {
     pub fn unset(&self, key: String, profile: Option<String>) -> Result<Value, RpcError> {
         let profile = self.profile_or_active(profile)?;
         check_key(&key)?;
-        let local_key = format!("{META_LOCAL}{profile}:{key}");
-        if self
-            .store
-            .meta_get(&local_key)
-            .map_err(store_err)?
-            .is_some()
-        {
-            self.store.meta_put(&local_key, None).map_err(store_err)?;
-            self.events.publish(
-                event_kind::SETTINGS_CHANGED,
-                json!({"section": SETTINGS, "profile": profile, "keys": [key],
-                       "device_id": self.device_id, "device_ids": [self.device_id],
-                       "origin": "local", "device_only": true}),
-            );
+        if self.is_device_only(&profile, &key)? {
+            self.write_device_only(&profile, &[(key.clone(), None)])?;
             self.refresh_bound_file();
             return Ok(
                 json!({"key": key, "profile": profile, "removed": true, "device_only": true}),
@@ -865,6 +837,48 @@ impl Settings {
             json!({"key": key, "profile": profile, "removed": version.is_some(),
                   "device_only": false, "version": version}),
         )
+    }
+
+    pub(super) fn is_device_only(&self, profile: &str, key: &str) -> Result<bool, RpcError> {
+        Ok(self
+            .store
+            .meta_get(&local_key(profile, key))
+            .map_err(store_err)?
+            .is_some())
+    }
+
+    /// Sets (or, with `None`, removes) device-only values in one commit and
+    /// announces them; the caller refreshes the bound file if it must.
+    pub(super) fn write_device_only(
+        &self,
+        profile: &str,
+        changes: &[(String, Option<Value>)],
+    ) -> Result<(), RpcError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(String, Option<Vec<u8>>)> = changes
+            .iter()
+            .map(|(key, value)| {
+                (
+                    local_key(profile, key),
+                    value.as_ref().map(|v| v.to_string().into_bytes()),
+                )
+            })
+            .collect();
+        let entries: Vec<(&str, Option<&[u8]>)> = entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        self.store.meta_put_all(&entries).map_err(store_err)?;
+        let keys: Vec<&String> = changes.iter().map(|(key, _)| key).collect();
+        self.events.publish(
+            event_kind::SETTINGS_CHANGED,
+            json!({"section": SETTINGS, "profile": profile, "keys": keys,
+                   "device_id": self.device_id, "device_ids": [self.device_id],
+                   "origin": "local", "device_only": true}),
+        );
+        Ok(())
     }
 
     /// A local change of the settings document, then the bound file.
@@ -1212,6 +1226,11 @@ fn device_put(device_id: &str, name: &str) -> Edit {
         key: device_id.to_owned(),
         value,
     }
+}
+
+/// The metadata key of a device-only value.
+fn local_key(profile: &str, key: &str) -> String {
+    format!("{META_LOCAL}{profile}:{key}")
 }
 
 fn check_key(key: &str) -> Result<(), RpcError> {
