@@ -361,27 +361,7 @@ async fn main() {
     }
     let victim: Multiaddr = first.parse().expect("multiaddr");
     let workspace: WorkspaceId = args.next().expect("WORKSPACE_ID").parse().expect("id");
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                RawCodec,
-                [(
-                    StreamProtocol::new(SYNC_PROTOCOL),
-                    request_response::ProtocolSupport::Full,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-            )
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
+    let mut swarm = raw_swarm(libp2p::identity::Keypair::generate_ed25519(), SYNC_PROTOCOL);
     let me = swarm.local_peer_id().to_string();
     println!("{me}");
     let mut line = String::new();
