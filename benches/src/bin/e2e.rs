@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use mariesync_benches::args::Args;
 use mariesync_benches::measure;
 use mariesync_benches::workspace_gen::{self, Spec};
 use mariesync_ffi::{Client, HomePaths};
@@ -117,13 +118,8 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let args = Args::from_env();
+    let flag = |name: &str| args.value(name).map(str::to_owned);
     let files: usize = flag("--files")
         .map(|v| v.parse())
         .transpose()?
@@ -143,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             bin.display()
         );
     }
-    let drop_caches = args.iter().any(|a| a == "--drop-caches");
+    let drop_caches = args.has("--drop-caches");
 
     let tree = workdir.join(format!("ws-{files}-{bytes}"));
     if !tree.join(".complete").exists() {

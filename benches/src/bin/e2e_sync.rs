@@ -11,34 +11,26 @@
 
 use std::time::{Duration, Instant};
 
+use mariesync_benches::args::{Args, use_sibling_daemon};
 use mariesync_benches::measure;
 use mariesync_benches::workspace_gen::{self, Spec};
 use mariesync_integration::{Device, tree_state, wait_until};
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| -> usize {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let args = Args::from_env();
     let (files, binaries, edits) = (
-        flag("--files", 5000),
-        flag("--binaries", 4),
-        flag("--edits", 20),
+        args.number("--files", 5000),
+        args.number("--binaries", 4),
+        args.number("--edits", 20),
     );
-    let bin = std::env::current_exe()?.with_file_name("mariesync");
-    // SAFETY: set before any thread that reads the environment starts.
-    unsafe { std::env::set_var("MARIESYNC_BIN", &bin) };
+    use_sibling_daemon()?;
 
     let work = tempfile::Builder::new()
         .prefix("ms-sync-bench-")
         .tempdir_in("/var/tmp")?;
     // --keep leaves the trees and the daemons' logs for a look afterwards.
-    let work_path = if args.iter().any(|a| a == "--keep") {
+    let work_path = if args.has("--keep") {
         work.keep()
     } else {
         work.path().to_path_buf()
@@ -70,17 +62,13 @@ fn main() -> anyhow::Result<()> {
 
     // --perf FILE: a CPU profile of the receiver during the initial sync
     // (`perf report -i FILE`).
-    let perf = args
-        .iter()
-        .position(|a| a == "--perf")
-        .and_then(|i| args.get(i + 1))
-        .map(|file| {
-            std::process::Command::new("perf")
-                .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o", file])
-                .args(["-p", &b.pid().to_string()])
-                .spawn()
-                .expect("perf")
-        });
+    let perf = args.value("--perf").map(|file| {
+        std::process::Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o", file])
+            .args(["-p", &b.pid().to_string()])
+            .spawn()
+            .expect("perf")
+    });
 
     // Initial sync: from sharing until B's tree is byte-identical.
     let started = Instant::now();

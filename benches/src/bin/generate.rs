@@ -1,16 +1,12 @@
 //! `gen DIR [--files N] [--bytes SIZE] [--binaries N --binary-bytes SIZE] [--seed S]`:
 //! writes a deterministic IDE-like workspace.
+use mariesync_benches::args::Args;
 use mariesync_benches::workspace_gen::{self as workspace_gen, Spec};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args = Args::from_env();
     let dir = args.first().ok_or_else(|| anyhow::anyhow!("usage: gen DIR [--files N] [--bytes SIZE] [--binaries N] [--binary-bytes SIZE] [--seed S]"))?;
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| args.value(name).map(str::to_owned);
     let spec = Spec {
         files: flag("--files")
             .map(|v| v.parse())

@@ -12,23 +12,18 @@
 use std::time::Instant;
 
 use mariesync::settings::doc::{Doc, DocKind, Edit, SETTINGS};
+use mariesync_benches::args::{Args, use_sibling_daemon};
 use mariesync_benches::measure;
 use mariesync_integration::{Device, next_event};
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| -> usize {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let (changes, history) = (flag("--changes", 1000), flag("--history", 10_000));
-    let bin = std::env::current_exe()?.with_file_name("mariesync");
-    // SAFETY: set before any thread that reads the environment starts.
-    unsafe { std::env::set_var("MARIESYNC_BIN", &bin) };
+    let args = Args::from_env();
+    let (changes, history) = (
+        args.number("--changes", 1000),
+        args.number("--history", 10_000),
+    );
+    use_sibling_daemon()?;
 
     // -- A document after `history` changes, in process.
     let keys = 200;
