@@ -860,16 +860,15 @@ where
     io.read_exact(&mut prefix).await?;
     let len = wire::check_length(prefix, max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    // Grown as bytes arrive, not allocated up front: a peer announcing 8 MiB
-    // and trickling bytes holds little more memory than it sent. The first
-    // megabyte is taken at once (fewer copies while a chunk answer grows).
-    let mut body = Vec::with_capacity(len.min(1024 * 1024));
-    io.take(len as u64).read_to_end(&mut body).await?;
-    if body.len() != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "frame ended early",
-        ));
+    // Reserved at once (address space only, never copied while it grows)
+    // but touched a step at a time as bytes arrive: a peer announcing 8 MiB
+    // and trickling bytes holds little more memory than it sent.
+    const STEP: usize = 1024 * 1024;
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        let from = body.len();
+        body.resize((from + STEP).min(len), 0);
+        io.read_exact(&mut body[from..]).await?;
     }
     wire::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

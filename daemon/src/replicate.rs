@@ -89,6 +89,10 @@ pub struct Replicator {
     released: Notify,
     /// Stored bytes fetched from each peer since the daemon started.
     fetched_from: Mutex<HashMap<PeerId, u64>>,
+    /// `Changed` requests in flight, and the newest sequence to send when
+    /// each returns (see [`Replicator::tell_changed`]).
+    telling: Mutex<HashMap<(PeerId, WorkspaceId), Option<u64>>>,
+    this: std::sync::Weak<Replicator>,
 }
 
 /// Chunks claimed by one `Chunks` request, released when it ends however
@@ -115,7 +119,9 @@ impl Drop for Claim<'_> {
 
 impl Replicator {
     pub fn new(daemon: &Arc<Daemon>, network: Network) -> Arc<Replicator> {
-        Arc::new(Replicator {
+        Arc::new_cyclic(|this| Replicator {
+            this: this.clone(),
+            telling: Mutex::new(HashMap::new()),
             daemon: Arc::downgrade(daemon),
             network,
             running: Mutex::new(HashMap::new()),
@@ -824,7 +830,7 @@ impl Replicator {
                         "the peer sent chunk {hash} that was not asked for"
                     )));
                 };
-                crate::store::decode_chunk(&hash, len, &stored)
+                crate::store::verify_chunk(&hash, len, &stored)
                     .map_err(|e| offence(format!("the peer sent a bad chunk: {e}")))?;
                 verified.push(EncodedChunk {
                     hash,
@@ -850,19 +856,44 @@ impl Replicator {
         Ok(got)
     }
 
-    /// Sends `Changed` to one peer without waiting for its answer.
+    /// Sends `Changed` to one peer without waiting for its answer. One is
+    /// in flight per peer and workspace at most: news that comes meanwhile
+    /// is sent once when it returns (a receiver writing thousands of files
+    /// announced each batch, and flooded the sender with requests).
     fn tell_changed(&self, peer: PeerId, workspace: WorkspaceId, sequence: u64) {
+        {
+            let mut telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = telling.get_mut(&(peer, workspace)) {
+                *again = Some(again.map_or(sequence, |s| s.max(sequence)));
+                return;
+            }
+            telling.insert((peer, workspace), None);
+        }
         let network = self.network.clone();
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
         tokio::spawn(async move {
-            let _ = network
-                .request(
-                    peer,
-                    Request::Changed {
-                        workspace,
-                        sequence,
-                    },
-                )
-                .await;
+            let mut sequence = sequence;
+            loop {
+                let _ = network
+                    .request(
+                        peer,
+                        Request::Changed {
+                            workspace,
+                            sequence,
+                        },
+                    )
+                    .await;
+                let mut telling = this.telling.lock().unwrap_or_else(|e| e.into_inner());
+                match telling.get_mut(&(peer, workspace)) {
+                    Some(again @ Some(_)) => sequence = again.take().unwrap_or(sequence),
+                    _ => {
+                        telling.remove(&(peer, workspace));
+                        return;
+                    }
+                }
+            }
         });
     }
 

@@ -368,7 +368,12 @@ impl Scanner<'_> {
             }
             let mut end = start;
             let mut bytes = 0;
-            while end < to_hash.len() && end - start < BATCH_ENTRIES_MAX && bytes < BATCH_BYTES_MAX
+            // At least one file per thread, so large files are hashed side
+            // by side instead of one at a time.
+            let at_least = rayon::current_num_threads();
+            while end < to_hash.len()
+                && end - start < BATCH_ENTRIES_MAX
+                && (bytes < BATCH_BYTES_MAX || end - start < at_least)
             {
                 bytes += to_hash[end].0.stat.size;
                 end += 1;
@@ -812,7 +817,16 @@ pub struct Ingested {
 
 /// New chunks of one file held in memory at most before they are committed
 /// on their own (through `spill`), so a huge file needs bounded memory.
-const SPILL_BYTES: usize = 32 * 1024 * 1024;
+const SPILL_BYTES: usize = 8 * 1024 * 1024;
+/// A file larger than [`WHOLE_READ_BYTES_MAX`] is read this much at a time
+/// into one buffer, and chunked there (no allocation per chunk).
+const READ_WINDOW_BYTES: usize = 1024 * 1024;
+/// After this many chunks in a row that did not compress, a file's chunks
+/// are stored raw without trying, except every [`COMPRESS_PROBE_EVERY`]th
+/// (random or already compressed bytes cost zstd as much time as text and
+/// save nothing).
+const INCOMPRESSIBLE_STREAK: u32 = 4;
+const COMPRESS_PROBE_EVERY: usize = 16;
 
 /// Reads, chunks, hashes and (for new chunks) compresses one file. New
 /// chunks beyond [`SPILL_BYTES`] are handed to `spill` to be committed early.
@@ -837,6 +851,7 @@ pub fn ingest_file(
         let mut chunks_new: Vec<EncodedChunk> = Vec::new();
         let mut held_bytes = 0;
         let mut known: HashSet<ChunkHash> = HashSet::new();
+        let mut raw_streak = 0;
         let mut add_chunk = |data: &[u8]| -> Result<(), IngestError> {
             let hash = ChunkHash::of(data);
             chunks.push(ChunkRef {
@@ -844,7 +859,12 @@ pub fn ingest_file(
                 len: data.len() as u32,
             });
             if known.insert(hash) && !reader.contains(&hash).map_err(IngestError::Store)? {
-                let encoded = store::encode_chunk(hash, data);
+                let compress =
+                    raw_streak < INCOMPRESSIBLE_STREAK || chunks.len() % COMPRESS_PROBE_EVERY == 0;
+                let encoded = store::encode_chunk_with(hash, data, compress);
+                if compress {
+                    raw_streak = if encoded.is_raw() { raw_streak + 1 } else { 0 };
+                }
                 held_bytes += encoded.stored.len();
                 chunks_new.push(encoded);
                 if held_bytes > SPILL_BYTES {
@@ -869,17 +889,44 @@ pub fn ingest_file(
             }
         } else {
             let mut hasher = blake3::Hasher::new();
-            let stream = fastcdc::v2020::StreamCDC::new(
-                &mut file,
-                CONTENT_CHUNKS.min as usize,
-                CONTENT_CHUNKS.avg as usize,
-                CONTENT_CHUNKS.max as usize,
-            );
-            for chunk in stream {
-                let chunk =
-                    chunk.map_err(|e| IngestError::Io(std::io::Error::other(e.to_string())))?;
-                hasher.update(&chunk.data);
-                add_chunk(&chunk.data)?;
+            let max = CONTENT_CHUNKS.max as usize;
+            let mut window = vec![0u8; READ_WINDOW_BYTES + max];
+            let (mut filled, mut eof) = (0, false);
+            loop {
+                while !eof && filled < window.len() {
+                    match file.read(&mut window[filled..]) {
+                        Ok(0) => eof = true,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(IngestError::Io(e)),
+                    }
+                }
+                // The chunk that reaches the end of the window is cut by the
+                // window, not by its content: it waits for more bytes
+                // (unless the file ends there), so the cuts are the same as
+                // over the whole file at once.
+                let mut consumed = 0;
+                let cuts = fastcdc::v2020::FastCDC::new(
+                    &window[..filled],
+                    CONTENT_CHUNKS.min as usize,
+                    CONTENT_CHUNKS.avg as usize,
+                    max,
+                );
+                for cut in cuts {
+                    let end = cut.offset + cut.length;
+                    if !eof && end == filled {
+                        break;
+                    }
+                    let data = &window[cut.offset..end];
+                    hasher.update(data);
+                    add_chunk(data)?;
+                    consumed = end;
+                }
+                if eof {
+                    break;
+                }
+                window.copy_within(consumed..filled, 0);
+                filled -= consumed;
             }
             Some(ChunkHash::from(hasher.finalize()))
         };
@@ -952,6 +999,13 @@ mod tests {
         let held: usize = ingested.chunks_new.iter().map(|c| c.stored.len()).sum();
         assert!(held <= SPILL_BYTES, "{held}");
         assert_eq!(ingested.content_hash, ChunkHash::of(&data));
+        // Read through a window, cut exactly as the whole file at once.
+        let lens: Vec<usize> = ingested.chunks.iter().map(|c| c.len as usize).collect();
+        let whole: Vec<usize> = store::chunk_boundaries(&data, CONTENT_CHUNKS)
+            .iter()
+            .map(|&(_, len)| len)
+            .collect();
+        assert_eq!(lens, whole);
         // Every chunk is either spilled into the store or still held.
         let reader = store.reader().unwrap();
         for chunk in &ingested.chunks {
@@ -960,6 +1014,56 @@ mod tests {
                     || ingested.chunks_new.iter().any(|c| c.hash == chunk.hash)
             );
         }
+    }
+
+    #[test]
+    fn text_after_incompressible_bytes_is_still_compressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let path = dir.path().join("mixed.bin");
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut data: Vec<u8> = (0..16 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let random_len = data.len();
+        let mut line = 0u64;
+        while data.len() < random_len + (16 << 20) {
+            line += 1;
+            data.extend_from_slice(
+                format!("line {line}: let total = a + b * {line};\n").as_bytes(),
+            );
+        }
+        std::fs::write(&path, &data).unwrap();
+        let encoded = std::sync::Mutex::new(Vec::new());
+        let spill = |chunks: &[EncodedChunk]| {
+            let mut encoded = encoded.lock().unwrap();
+            encoded.extend(chunks.iter().map(|c| (c.hash, c.is_raw())));
+            store.commit_chunks(chunks)
+        };
+        let ingested = ingest_file(&path, &store.reader().unwrap(), &spill).unwrap();
+        let mut raw: HashMap<ChunkHash, bool> = encoded.into_inner().unwrap().into_iter().collect();
+        raw.extend(ingested.chunks_new.iter().map(|c| (c.hash, c.is_raw())));
+        let (mut offset, mut text_chunks, mut text_raw) = (0usize, 0, 0);
+        for chunk in &ingested.chunks {
+            if offset >= random_len {
+                text_chunks += 1;
+                text_raw += usize::from(raw[&chunk.hash]);
+            } else if offset + (chunk.len as usize) < random_len {
+                assert!(raw[&chunk.hash], "random bytes stored compressed");
+            }
+            offset += chunk.len as usize;
+        }
+        // Only the chunks before the next probe are stored raw.
+        assert!(text_chunks > 50, "{text_chunks}");
+        assert!(
+            text_raw <= COMPRESS_PROBE_EVERY,
+            "{text_raw} of {text_chunks} raw"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin mariesync
-//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--perf FILE]
+//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--perf FILE [--perf-dwarf]]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -64,7 +64,13 @@ fn main() -> anyhow::Result<()> {
     // (`perf report -i FILE`).
     let perf = args.value("--perf").map(|file| {
         std::process::Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o", file])
+            .args(["record", "-e", "cpu-clock", "-o", file])
+            // --perf-dwarf: call graphs through Rust code (no frame pointers).
+            .args(if args.has("--perf-dwarf") {
+                ["-F", "299", "--call-graph", "dwarf,32768"]
+            } else {
+                ["-F", "999", "--call-graph", "fp"]
+            })
             .args(["-p", &b.pid().to_string()])
             .spawn()
             .expect("perf")

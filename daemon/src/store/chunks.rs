@@ -46,6 +46,14 @@ pub struct EncodedChunk {
     pub stored: Vec<u8>,
 }
 
+impl EncodedChunk {
+    /// Whether the bytes are stored as they are (compression saved too
+    /// little).
+    pub fn is_raw(&self) -> bool {
+        self.stored.first() == Some(&CODEC_RAW)
+    }
+}
+
 /// Offsets and lengths of the chunks of `data`.
 pub fn chunk_boundaries(data: &[u8], params: ChunkParams) -> Vec<(usize, usize)> {
     if data.len() <= params.min as usize {
@@ -77,24 +85,35 @@ thread_local! {
 /// Compresses `raw` if that saves at least an eighth, and prefixes the codec
 /// byte.
 pub fn encode_chunk(hash: ChunkHash, raw: &[u8]) -> EncodedChunk {
-    let compressed = COMPRESSOR.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell.is_none() {
-            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL)
-                .ok()
-                .map(|c| (c, Vec::new()));
-        }
-        let (compressor, scratch) = cell.as_mut()?;
-        scratch.clear();
-        scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        let n = compressor.compress_to_buffer(raw, scratch).ok()?;
-        (n <= raw.len() - raw.len() / 8).then(|| {
-            let mut stored = Vec::with_capacity(n + 1);
-            stored.push(CODEC_ZSTD);
-            stored.extend_from_slice(&scratch[..n]);
-            stored
+    encode_chunk_with(hash, raw, true)
+}
+
+/// [`encode_chunk`], but without trying to compress when `compress` is
+/// false (the caller saw the data is incompressible: random or already
+/// compressed bytes cost zstd as much as text and save nothing).
+pub fn encode_chunk_with(hash: ChunkHash, raw: &[u8], compress: bool) -> EncodedChunk {
+    let compressed = compress
+        .then(|| {
+            COMPRESSOR.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                if cell.is_none() {
+                    *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                        .ok()
+                        .map(|c| (c, Vec::new()));
+                }
+                let (compressor, scratch) = cell.as_mut()?;
+                scratch.clear();
+                scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+                let n = compressor.compress_to_buffer(raw, scratch).ok()?;
+                (n <= raw.len() - raw.len() / 8).then(|| {
+                    let mut stored = Vec::with_capacity(n + 1);
+                    stored.push(CODEC_ZSTD);
+                    stored.extend_from_slice(&scratch[..n]);
+                    stored
+                })
+            })
         })
-    });
+        .flatten();
     let stored = compressed.unwrap_or_else(|| {
         let mut stored = Vec::with_capacity(raw.len() + 1);
         stored.push(CODEC_RAW);
@@ -109,6 +128,31 @@ pub fn encode_chunk(hash: ChunkHash, raw: &[u8]) -> EncodedChunk {
 }
 
 /// Decodes a stored chunk and checks it against its id and expected length.
+/// Checks a stored chunk (length and blake3) without keeping its bytes:
+/// a raw chunk is hashed where it lies (no copy of it), a compressed one
+/// decompressed first.
+pub fn verify_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<()> {
+    let corrupt = |reason: String| StoreError::CorruptChunk {
+        hash: *hash,
+        reason,
+    };
+    match stored.split_first() {
+        Some((&CODEC_RAW, payload)) => {
+            if payload.len() != len as usize {
+                return Err(corrupt(format!(
+                    "length {} instead of {len}",
+                    payload.len()
+                )));
+            }
+            if ChunkHash::of(payload) != *hash {
+                return Err(corrupt("content does not match its hash".into()));
+            }
+            Ok(())
+        }
+        _ => decode_chunk(hash, len, stored).map(drop),
+    }
+}
+
 pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
     let corrupt = |reason: String| StoreError::CorruptChunk {
         hash: *hash,

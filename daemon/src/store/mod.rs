@@ -23,7 +23,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 pub use chunks::{
     CONTENT_CHUNKS, ChunkParams, EncodedChunk, MANIFEST_CHUNKS, chunk_boundaries, decode_chunk,
-    encode_chunk,
+    encode_chunk, encode_chunk_with, verify_chunk,
 };
 pub use records::{
     CheckpointRecord, IndexedFile, ManifestEntry, PeerRecord, StatCache, WorkspaceRecord,
@@ -1049,20 +1049,41 @@ fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Resul
     let mut data = txn.open_table(CHUNK_DATA)?;
     let mut info = txn.open_table(CHUNK_INFO)?;
     let pack = data.last()?.map(|(k, _)| k.value().0 + 1).unwrap_or(1);
-    let mut bytes: Vec<u8> = Vec::new();
+    let mut packed: Vec<&[u8]> = Vec::with_capacity(chunks.len());
+    let mut total = 0usize;
     for chunk in chunks {
         if info.get(chunk.hash.0)?.is_some() {
             continue;
         }
-        let offset = bytes.len() as u32;
-        bytes.extend_from_slice(&chunk.stored);
         info.insert(
             chunk.hash.0,
-            (pack, offset, chunk.stored.len() as u32, chunk.raw_len),
+            (pack, total as u32, chunk.stored.len() as u32, chunk.raw_len),
         )?;
+        total += chunk.stored.len();
+        packed.push(&chunk.stored);
     }
-    for (part, piece) in bytes.chunks(PART_BYTES).enumerate() {
-        data.insert((pack, part as u32), piece)?;
+    // Each part is filled in place in redb's page: no copy of the whole
+    // pack is ever assembled (it cost a copy of every byte and as much
+    // memory again as the chunks).
+    let mut pieces = packed.into_iter().flat_map(|stored| {
+        stored.chunks(PART_BYTES) // a chunk may straddle parts
+    });
+    let mut carry: &[u8] = &[];
+    for part in 0..total.div_ceil(PART_BYTES) {
+        let len = PART_BYTES.min(total - part * PART_BYTES);
+        let mut guard = data.insert_reserve((pack, part as u32), len)?;
+        let mut out: &mut [u8] = guard.as_mut();
+        while !out.is_empty() {
+            if carry.is_empty() {
+                carry = pieces
+                    .next()
+                    .ok_or_else(|| StoreError::Record("pack parts ran past their chunks".into()))?;
+            }
+            let n = carry.len().min(out.len());
+            out[..n].copy_from_slice(&carry[..n]);
+            out = &mut out[n..];
+            carry = &carry[n..];
+        }
     }
     Ok(())
 }
