@@ -24,8 +24,6 @@ begin) # SIDE WORK DIR PEER_DIR PORT PEER_PORT: all of it from side A
   ms "$b" workspace add "$5" --id "$ws" >/dev/null ;;
 in-sync) # WORK: A's changes are stored and acknowledged by B
   timeout 5 "$bin" --home "$2/home-A" flush bench >/dev/null ;;
-touched) # HOME PATH
-  ms "$2" touched bench "$3" >/dev/null ;;
 stop) # HOME
   ms "$2" stop >/dev/null ;;
 *) echo "unknown command $1" >&2; exit 2 ;;

@@ -81,7 +81,7 @@ fn same_user(_stream: &Stream) -> bool {
 
 async fn connection(stream: Stream, daemon: Arc<Daemon>) {
     let stream = Arc::new(stream);
-    let (out, mut outgoing) = mpsc::channel::<Vec<u8>>(OUTGOING_FRAMES_MAX);
+    let (out, mut outgoing) = mpsc::channel::<Outgoing>(OUTGOING_FRAMES_MAX);
     // Dropped when the writer stops, which stops the reader too.
     let (writer_alive, mut writer_stopped) = tokio::sync::oneshot::channel::<()>();
     let writer = {
@@ -89,10 +89,14 @@ async fn connection(stream: Stream, daemon: Arc<Daemon>) {
         tokio::spawn(async move {
             let _alive = writer_alive;
             let mut sink = &*stream;
-            while let Some(frame) = outgoing.recv().await {
+            while let Some((frame, written)) = outgoing.recv().await {
                 // A client that stops reading is disconnected, not waited for.
                 match tokio::time::timeout(FRAME_WRITE_TIMEOUT, sink.write_all(&frame)).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        if let Some(written) = written {
+                            let _ = written.send(());
+                        }
+                    }
                     Ok(Err(_)) => return,
                     Err(_) => {
                         tracing::warn!("closing an IPC connection whose client stopped reading");
@@ -171,6 +175,21 @@ async fn connection(stream: Stream, daemon: Arc<Daemon>) {
             let daemon = daemon.clone();
             let out = out.clone();
             tokio::spawn(async move {
+                if request.method == method::SHUTDOWN {
+                    // The answer is written before the daemon stops, so the
+                    // client hears that it stops, not that it went away.
+                    if let Some(id) = request.id {
+                        let (done, written) = tokio::sync::oneshot::channel();
+                        let body = serde_json::to_vec(&Response::ok(id, json!({})))
+                            .expect("responses always serialize");
+                        if out.send((encode_frame(&body), Some(done))).await.is_ok() {
+                            let _ = tokio::time::timeout(FRAME_WRITE_TIMEOUT, written).await;
+                        }
+                    }
+                    let _ = daemon.handle(&request.method, request.params).await;
+                    drop(permit);
+                    return;
+                }
                 let result = daemon.handle(&request.method, request.params).await;
                 if let Some(id) = request.id {
                     send(&out, &respond(id, result)).await;
@@ -240,7 +259,7 @@ fn parse_request(frame: &[u8]) -> Result<Request, (Value, RpcError)> {
     Ok(request)
 }
 
-async fn forward_events(mut sub: crate::events::Subscription, out: mpsc::Sender<Vec<u8>>) {
+async fn forward_events(mut sub: crate::events::Subscription, out: mpsc::Sender<Outgoing>) {
     let mut last = 0;
     for event in sub.replay.drain(..) {
         last = event["seq"].as_u64().unwrap_or(last);
@@ -277,17 +296,20 @@ async fn forward_events(mut sub: crate::events::Subscription, out: mpsc::Sender<
     }
 }
 
-async fn send_event(out: &mpsc::Sender<Vec<u8>>, event: &Value) -> bool {
+/// A frame to write, and who waits until it is written.
+type Outgoing = (Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+
+async fn send_event(out: &mpsc::Sender<Outgoing>, event: &Value) -> bool {
     let notification = Notification {
         jsonrpc: "2.0".into(),
         method: method::EVENT.into(),
         params: event.clone(),
     };
     let body = serde_json::to_vec(&notification).expect("JSON values always serialize");
-    out.send(encode_frame(&body)).await.is_ok()
+    out.send((encode_frame(&body), None)).await.is_ok()
 }
 
-async fn send(out: &mpsc::Sender<Vec<u8>>, response: &Response) {
+async fn send(out: &mpsc::Sender<Outgoing>, response: &Response) {
     let body = serde_json::to_vec(response).expect("responses always serialize");
-    let _ = out.send(encode_frame(&body)).await;
+    let _ = out.send((encode_frame(&body), None)).await;
 }

@@ -37,6 +37,10 @@ const WHOLE_READ_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// One commit holds at most this many entries or this many new chunk bytes.
 const BATCH_ENTRIES_MAX: usize = 4096;
 const BATCH_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// A scan of at most this many files and bytes to hash runs on the
+/// caller's thread with one durable commit.
+const SMALL_SCAN_FILES: usize = 16;
+const SMALL_SCAN_BYTES: u64 = 1024 * 1024;
 /// Skipped or clashing names listed in status at most.
 const LISTED_NAMES_MAX: usize = 100;
 
@@ -319,6 +323,22 @@ impl Scanner<'_> {
         self.progress
             .bytes_to_hash
             .store(total_bytes, Ordering::Relaxed);
+        // A few small files (a save, the IDE's hint) are hashed on this
+        // thread and committed once, durably: no committer thread, no
+        // rayon hand-off, no second commit on a save's way to peers.
+        if to_hash.len() <= SMALL_SCAN_FILES && total_bytes <= SMALL_SCAN_BYTES {
+            let (sender, receiver) =
+                std::sync::mpsc::sync_channel::<(Batch, u64)>(to_hash.len() + 1);
+            self.hash_all(&to_hash, &mut report, batch, &mut next_sequence, &sender)?;
+            drop(sender);
+            let batches: Vec<(Batch, u64)> = receiver.into_iter().collect();
+            let count = batches.len();
+            for (i, (batch, next)) in batches.into_iter().enumerate() {
+                self.store
+                    .commit_batch(self.workspace, &batch, next, i + 1 == count)?;
+            }
+            return Ok(report);
+        }
         let outcome = std::thread::scope(|scope| -> Result<bool, ScanError> {
             let (sender, receiver) = std::sync::mpsc::sync_channel::<(Batch, u64)>(1);
             let committer = scope.spawn(move || -> Result<(), StoreError> {
@@ -351,9 +371,9 @@ impl Scanner<'_> {
     /// Hashes `to_hash` in bounded parallel batches and sends each batch
     /// (starting with `batch`, which holds the entries decided so far) to the
     /// committer.
-    fn hash_all(
+    fn hash_all<'a>(
         &self,
-        to_hash: &[(&Seen, Option<&IndexedFile>)],
+        to_hash: &[(&'a Seen, Option<&'a IndexedFile>)],
         report: &mut ScanReport,
         mut batch: Batch,
         next_sequence: &mut u64,
@@ -379,18 +399,20 @@ impl Scanner<'_> {
                 end += 1;
             }
             let reader = self.store.reader()?;
-            let results: Vec<_> = to_hash[start..end]
-                .par_iter()
-                .map(|&(item, old)| {
-                    let spill = |chunks: &[EncodedChunk]| self.store.commit_chunks(chunks);
-                    let result = ingest_file(&self.root.join(item.path.as_str()), &reader, &spill);
-                    self.progress.files_hashed.fetch_add(1, Ordering::Relaxed);
-                    self.progress
-                        .bytes_hashed
-                        .fetch_add(item.stat.size, Ordering::Relaxed);
-                    (item, old, result)
-                })
-                .collect();
+            let ingest = |&(item, old): &(&'a Seen, Option<&'a IndexedFile>)| {
+                let spill = |chunks: &[EncodedChunk]| self.store.commit_chunks(chunks);
+                let result = ingest_file(&self.root.join(item.path.as_str()), &reader, &spill);
+                self.progress.files_hashed.fetch_add(1, Ordering::Relaxed);
+                self.progress
+                    .bytes_hashed
+                    .fetch_add(item.stat.size, Ordering::Relaxed);
+                (item, old, result)
+            };
+            let results: Vec<_> = if end - start == 1 {
+                to_hash[start..end].iter().map(ingest).collect()
+            } else {
+                to_hash[start..end].par_iter().map(ingest).collect()
+            };
             drop(reader);
             let mut new_chunks: HashSet<ChunkHash> = HashSet::new();
             for (item, old, result) in results {
@@ -557,13 +579,9 @@ impl Scanner<'_> {
         let out = Mutex::new(Vec::new());
         let skipped_shared = Mutex::new(Vec::new());
         let unreadable_shared = Mutex::new(Vec::new());
-        builder.build_parallel().run(|| {
+        let visit = |result: Result<ignore::DirEntry, ignore::Error>| {
             let root = &root;
-            let out = &out;
-            let skipped_shared = &skipped_shared;
-            let unreadable_shared = &unreadable_shared;
-            let in_scope = in_scope.clone();
-            Box::new(move |result| {
+            {
                 let entry = match result {
                     Ok(entry) => entry,
                     Err(error) => {
@@ -628,8 +646,18 @@ impl Scanner<'_> {
                     stat: stat_of(&meta),
                 });
                 ignore::WalkState::Continue
-            })
-        });
+            }
+        };
+        if partial {
+            // A few paths (the watcher's, the IDE's hint): walked on this
+            // thread, since starting the parallel walker's threads cost
+            // more than the walk (a millisecond of a save's way to peers).
+            for result in builder.build() {
+                visit(result);
+            }
+        } else {
+            builder.build_parallel().run(|| Box::new(&visit));
+        }
         skipped.extend(skipped_shared.into_inner().unwrap_or_default());
         let unreadable = unreadable_shared.into_inner().unwrap_or_default();
         if self.clean_temp_files {

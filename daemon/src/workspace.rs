@@ -650,6 +650,7 @@ impl Worker {
         let started = Instant::now();
         tracing::debug!(workspace = %self.shared.name, ?scope, "scan starts");
         let result = scanner.run(&scope);
+        tracing::debug!(workspace = %self.shared.name, us = started.elapsed().as_micros() as u64, "scan done");
         if full {
             crate::release_memory();
         }

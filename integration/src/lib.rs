@@ -398,6 +398,14 @@ impl Device {
         self.launch();
     }
 
+    /// Waits for the daemon to exit by itself (after `mariesync stop`).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the daemon runs");
+        wait_until(Duration::from_secs(30), "the daemon to exit", || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
     pub fn start_again(&mut self) {
         assert!(self.child.is_none());
         self.launch();

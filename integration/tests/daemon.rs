@@ -61,6 +61,27 @@ fn sigterm_shuts_down_cleanly_and_state_survives() {
     );
 }
 
+/// `mariesync stop` is answered before the daemon goes: exit 0, then a
+/// clean exit (the answer used to race the shutdown: "the daemon closed
+/// the connection").
+#[test]
+fn stop_is_answered_then_the_daemon_exits_cleanly() {
+    let dir = temp_dir();
+    let mut device = Device::start(dir.path());
+    for _ in 0..5 {
+        let out = device.cli(&["stop"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = device.wait_exit();
+        assert!(status.success(), "exit {status}; log:\n{}", device.log());
+        device.start_again();
+    }
+}
+
 /// The CLI's contract: `--json` prints one object, usage errors exit 2,
 /// failures exit 1 with one line on stderr.
 #[test]

@@ -153,6 +153,38 @@ pub fn verify_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<()> {
     }
 }
 
+/// A chunk's verified bytes: a raw chunk's stored record read from the
+/// store, minus its codec byte (no copy).
+#[derive(Debug)]
+pub struct ChunkBytes {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl std::ops::Deref for ChunkBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+/// [`decode_chunk`] of a record the caller owns: a raw one is verified and
+/// handed back without copying it.
+pub fn decode_chunk_owned(hash: &ChunkHash, len: u32, stored: Vec<u8>) -> Result<ChunkBytes> {
+    if stored.first() == Some(&CODEC_RAW) {
+        verify_chunk(hash, len, &stored)?;
+        return Ok(ChunkBytes {
+            bytes: stored,
+            start: 1,
+        });
+    }
+    Ok(ChunkBytes {
+        bytes: decode_chunk(hash, len, &stored)?,
+        start: 0,
+    })
+}
+
 pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
     let corrupt = |reason: String| StoreError::CorruptChunk {
         hash: *hash,

@@ -22,8 +22,8 @@ use mariesync_protocol::{CheckpointId, ChunkHash, FileEntry, RelPath, WorkspaceI
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use chunks::{
-    CONTENT_CHUNKS, ChunkParams, EncodedChunk, MANIFEST_CHUNKS, chunk_boundaries, decode_chunk,
-    encode_chunk, encode_chunk_with, verify_chunk,
+    CONTENT_CHUNKS, ChunkBytes, ChunkParams, EncodedChunk, MANIFEST_CHUNKS, chunk_boundaries,
+    decode_chunk, decode_chunk_owned, encode_chunk, encode_chunk_with, verify_chunk,
 };
 pub use records::{
     CheckpointRecord, IndexedFile, ManifestEntry, PeerRecord, StatCache, WorkspaceRecord,
@@ -446,12 +446,6 @@ impl Store {
         })
     }
 
-    /// Reads a chunk, decompresses it and checks its hash and length. A chunk
-    /// that fails is reported, never returned.
-    pub fn read_chunk(&self, hash: &ChunkHash, len: u32) -> Result<Vec<u8>> {
-        self.reader()?.read(hash, len)
-    }
-
     pub fn stats(&self) -> Result<StoreStats> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CHUNK_INFO)?;
@@ -755,7 +749,7 @@ impl Store {
         };
         let (pack, offset, stored, raw) = info.value();
         let bytes = read_packed(&reader.data, pack, offset, stored)?;
-        decode_chunk(hash, raw, &bytes)?;
+        verify_chunk(hash, raw, &bytes)?;
         Ok(Some(EncodedChunk {
             hash: *hash,
             raw_len: raw,
@@ -1143,7 +1137,7 @@ impl ChunkReader {
         Ok(self.info.get(hash.0)?.is_some())
     }
 
-    pub fn read(&self, hash: &ChunkHash, len: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, hash: &ChunkHash, len: u32) -> Result<ChunkBytes> {
         let (pack, offset, stored, _) = self
             .info
             .get(hash.0)?
@@ -1155,7 +1149,7 @@ impl ChunkReader {
                 reason: e.to_string(),
             }
         })?;
-        decode_chunk(hash, len, &bytes)
+        decode_chunk_owned(hash, len, bytes)
     }
 }
 
@@ -1288,8 +1282,8 @@ mod tests {
             assert_eq!(
                 &reader
                     .read(&ChunkHash::of(data), data.len() as u32)
-                    .unwrap(),
-                data
+                    .unwrap()[..],
+                &data[..]
             );
         }
         for data in &contents[2..] {
