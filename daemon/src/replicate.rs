@@ -41,7 +41,7 @@ use crate::workspace::Job;
 /// group needs is fetched (and committed) first, then the group applied.
 const APPLY_CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// `Chunks` requests in flight to one peer at most.
-const FETCHES_IN_FLIGHT: usize = 2;
+const FETCHES_IN_FLIGHT: usize = 4;
 /// A failed pull is retried after these delays (doubling) while connected.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_LAST: Duration = Duration::from_secs(60);
@@ -529,14 +529,16 @@ impl Replicator {
                 self.apply(workspace, peer, entries).await?
             };
             // Progress never passes an entry that is not applied: it is asked
-            // for again on the next round.
+            // for again on the next round. It is saved lazily: the entries
+            // it covers are committed durably already, and progress lost to
+            // a crash only means reading them again (applying is idempotent).
             let progress = match failed {
                 Some(sequence) => sequence.saturating_sub(1).max(since),
                 None => last_sequence,
             };
             self.daemon()?
                 .store
-                .meta_put(&progress_key, Some(&progress.to_le_bytes()))
+                .meta_put_lazy(&progress_key, Some(&progress.to_le_bytes()))
                 .map_err(|e| e.to_string())?;
             if failed.is_some() {
                 return Err("some entries could not be applied yet".into());

@@ -36,7 +36,9 @@ pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
 const WHOLE_READ_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// One commit holds at most this many entries or this many new chunk bytes.
 const BATCH_ENTRIES_MAX: usize = 4096;
-const BATCH_BYTES_MAX: u64 = 16 * 1024 * 1024;
+const BATCH_BYTES_MAX: u64 = 8 * 1024 * 1024;
+/// A partial scan of at most this many paths walks on the caller's thread.
+const SERIAL_WALK_PATHS: usize = 64;
 /// A scan of at most this many files and bytes to hash runs on the
 /// caller's thread with one durable commit.
 const SMALL_SCAN_FILES: usize = 16;
@@ -342,13 +344,15 @@ impl Scanner<'_> {
         let outcome = std::thread::scope(|scope| -> Result<bool, ScanError> {
             let (sender, receiver) = std::sync::mpsc::sync_channel::<(Batch, u64)>(1);
             let committer = scope.spawn(move || -> Result<(), StoreError> {
-                let mut last_durable = std::time::Instant::now();
+                // The first batch is durable at once: peers start pulling
+                // while the rest is hashed, not half a second later.
+                let mut last_durable: Option<std::time::Instant> = None;
                 for (batch, next) in receiver {
-                    let durable = last_durable.elapsed() >= DURABLE_INTERVAL;
+                    let durable = last_durable.is_none_or(|t| t.elapsed() >= DURABLE_INTERVAL);
                     self.store
                         .commit_batch(self.workspace, &batch, next, durable)?;
                     if durable {
-                        last_durable = std::time::Instant::now();
+                        last_durable = Some(std::time::Instant::now());
                         (self.on_durable)();
                     }
                 }
@@ -648,7 +652,8 @@ impl Scanner<'_> {
                 ignore::WalkState::Continue
             }
         };
-        if partial {
+        let few = matches!(scope, Scope::Paths(paths) if paths.len() <= SERIAL_WALK_PATHS);
+        if few {
             // A few paths (the watcher's, the IDE's hint): walked on this
             // thread, since starting the parallel walker's threads cost
             // more than the walk (a millisecond of a save's way to peers).
@@ -845,7 +850,7 @@ pub struct Ingested {
 
 /// New chunks of one file held in memory at most before they are committed
 /// on their own (through `spill`), so a huge file needs bounded memory.
-const SPILL_BYTES: usize = 8 * 1024 * 1024;
+const SPILL_BYTES: usize = 4 * 1024 * 1024;
 /// A file larger than [`WHOLE_READ_BYTES_MAX`] is read this much at a time
 /// into one buffer, and chunked there (no allocation per chunk).
 const READ_WINDOW_BYTES: usize = 1024 * 1024;

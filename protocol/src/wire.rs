@@ -23,7 +23,7 @@ pub const INDEX_ENTRIES_MAX: usize = 1024;
 /// Hashes one `Chunks` request names at most.
 pub const CHUNK_REQUEST_MAX: usize = 512;
 /// Stored bytes one `Chunks` answer carries at most (the rest is asked again).
-pub const CHUNK_RESPONSE_BYTES_MAX: usize = 6 * 1024 * 1024;
+pub const CHUNK_RESPONSE_BYTES_MAX: usize = 2 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {

@@ -202,7 +202,7 @@ impl Store {
                 }
                 tracing::debug!("database repair {:.0}%", session.progress() * 100.0);
             })
-            .set_cache_size(16 * 1024 * 1024)
+            .set_cache_size(12 * 1024 * 1024)
             .create(path)?;
         let store = Store {
             db,
@@ -330,6 +330,15 @@ impl Store {
     }
 
     /// Writes several metadata entries in one durable commit.
+    /// [`Store::meta_put`] without waiting for the disk: durable with the
+    /// next durable commit, lost by a crash before it. For what may be
+    /// lost (progress that is read again), on paths where a sync costs.
+    pub fn meta_put_lazy(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
+        let txn = self.begin_write_with(Durability::None)?;
+        put_meta(&txn, &[(key, value)])?;
+        self.commit(txn)
+    }
+
     pub fn meta_put_all(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
         let txn = self.begin_write()?;
         put_meta(&txn, entries)?;
