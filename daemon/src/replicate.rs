@@ -863,6 +863,9 @@ impl Replicator {
     /// is sent once when it returns (a receiver writing thousands of files
     /// announced each batch, and flooded the sender with requests).
     fn tell_changed(&self, peer: PeerId, workspace: WorkspaceId, sequence: u64) {
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
         {
             let mut telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(again) = telling.get_mut(&(peer, workspace)) {
@@ -872,9 +875,6 @@ impl Replicator {
             telling.insert((peer, workspace), None);
         }
         let network = self.network.clone();
-        let Some(this) = self.this.upgrade() else {
-            return;
-        };
         tokio::spawn(async move {
             let mut sequence = sequence;
             loop {
