@@ -1176,11 +1176,10 @@ impl Daemon {
                             );
                         }
                     }
-                    shared
-                        .status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .totals = Some(totals);
+                    let mut current = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+                    if current.totals_epoch == status.totals_epoch {
+                        current.totals = Some(totals);
+                    }
                     totals
                 }
             };

@@ -103,6 +103,19 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Counts over the index; None when they must be recounted.
     pub totals: Option<Totals>,
+    /// Moves each time the index changes: counts read from the store are
+    /// kept only if it did not move while they were read (a count taken
+    /// just before an apply's commit, stored just after, stayed wrong until
+    /// the next change).
+    pub totals_epoch: u64,
+}
+
+impl Status {
+    /// The index changed: the counts must be taken again.
+    pub fn invalidate_totals(&mut self) {
+        self.totals = None;
+        self.totals_epoch += 1;
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -198,6 +211,7 @@ pub fn start(
             case_clashes: Vec::new(),
             last_error: None,
             totals: None,
+            totals_epoch: 0,
         }),
         progress: ScanProgress::default(),
         cancel: AtomicBool::new(false),
@@ -666,7 +680,7 @@ impl Worker {
                         s.case_clashes = clashes.clone();
                     }
                     if !report.changes.is_empty() {
-                        s.totals = None;
+                        s.invalidate_totals();
                     }
                 });
                 self.retry.extend(report.unstable.iter().cloned());
@@ -990,7 +1004,7 @@ impl Worker {
         }
         drop(references);
         if !batch.upserts.is_empty() {
-            self.shared.update(|s| s.totals = None);
+            self.shared.update(Status::invalidate_totals);
             self.context.garbage.store(true, Ordering::Relaxed);
         }
         if !rescan.is_empty() {
