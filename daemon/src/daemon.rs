@@ -1176,10 +1176,11 @@ impl Daemon {
                             );
                         }
                     }
-                    let mut current = shared.status.lock().unwrap_or_else(|e| e.into_inner());
-                    if current.totals_epoch == status.totals_epoch {
-                        current.totals = Some(totals);
-                    }
+                    shared
+                        .status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keep_totals(status.totals_epoch, totals);
                     totals
                 }
             };

@@ -116,6 +116,14 @@ impl Status {
         self.totals = None;
         self.totals_epoch += 1;
     }
+
+    /// Keeps counts read from the store since `read_at` (the epoch before
+    /// reading), unless the index changed meanwhile.
+    pub fn keep_totals(&mut self, read_at: u64, totals: Totals) {
+        if self.totals_epoch == read_at {
+            self.totals = Some(totals);
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1432,4 +1440,40 @@ pub fn plan_remote(
         }
     }
     Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_read_across_a_change_are_not_kept() {
+        let mut status = Status {
+            activity: Activity::Idle,
+            watcher: None,
+            skipped: Vec::new(),
+            case_clashes: Vec::new(),
+            last_error: None,
+            totals: None,
+            totals_epoch: 0,
+        };
+        let stale = Totals {
+            files: 4919,
+            ..Totals::default()
+        };
+        let fresh = Totals {
+            files: 5004,
+            ..Totals::default()
+        };
+        // A count starts, an apply commits, the count ends: not kept.
+        let read_at = status.totals_epoch;
+        status.invalidate_totals();
+        status.keep_totals(read_at, stale);
+        assert_eq!(status.totals, None);
+        // Read with nothing changing meanwhile: kept.
+        status.keep_totals(status.totals_epoch, fresh);
+        assert_eq!(status.totals, Some(fresh));
+        status.invalidate_totals();
+        assert_eq!(status.totals, None);
+    }
 }
