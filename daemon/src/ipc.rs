@@ -180,9 +180,8 @@ async fn connection(stream: Stream, daemon: Arc<Daemon>) {
                     // client hears that it stops, not that it went away.
                     if let Some(id) = request.id {
                         let (done, written) = tokio::sync::oneshot::channel();
-                        let body = serde_json::to_vec(&Response::ok(id, json!({})))
-                            .expect("responses always serialize");
-                        if out.send((encode_frame(&body), Some(done))).await.is_ok() {
+                        let frame = response_frame(&Response::ok(id, json!({})));
+                        if out.send((frame, Some(done))).await.is_ok() {
                             let _ = tokio::time::timeout(FRAME_WRITE_TIMEOUT, written).await;
                         }
                     }
@@ -310,6 +309,10 @@ async fn send_event(out: &mpsc::Sender<Outgoing>, event: &Value) -> bool {
 }
 
 async fn send(out: &mpsc::Sender<Outgoing>, response: &Response) {
+    let _ = out.send((response_frame(response), None)).await;
+}
+
+fn response_frame(response: &Response) -> Vec<u8> {
     let body = serde_json::to_vec(response).expect("responses always serialize");
-    let _ = out.send((encode_frame(&body), None)).await;
+    encode_frame(&body)
 }

@@ -329,11 +329,17 @@ impl Scanner<'_> {
         // thread and committed once, durably: no committer thread, no
         // rayon hand-off, no second commit on a save's way to peers.
         if to_hash.len() <= SMALL_SCAN_FILES && total_bytes <= SMALL_SCAN_BYTES {
-            let (sender, receiver) =
-                std::sync::mpsc::sync_channel::<(Batch, u64)>(to_hash.len() + 1);
-            self.hash_all(&to_hash, &mut report, batch, &mut next_sequence, &sender)?;
-            drop(sender);
-            let batches: Vec<(Batch, u64)> = receiver.into_iter().collect();
+            let mut batches: Vec<(Batch, u64)> = Vec::new();
+            self.hash_all(
+                &to_hash,
+                &mut report,
+                batch,
+                &mut next_sequence,
+                &mut |batch, next| {
+                    batches.push((batch, next));
+                    true
+                },
+            )?;
             let count = batches.len();
             for (i, (batch, next)) in batches.into_iter().enumerate() {
                 self.store
@@ -358,7 +364,13 @@ impl Scanner<'_> {
                 }
                 Ok(())
             });
-            let hashed = self.hash_all(&to_hash, &mut report, batch, &mut next_sequence, &sender);
+            let hashed = self.hash_all(
+                &to_hash,
+                &mut report,
+                batch,
+                &mut next_sequence,
+                &mut |batch, next| sender.send((batch, next)).is_ok(),
+            );
             drop(sender);
             let committed = committer.join().expect("the committer thread panicked");
             let sent = hashed?;
@@ -372,16 +384,16 @@ impl Scanner<'_> {
         Ok(report)
     }
 
-    /// Hashes `to_hash` in bounded parallel batches and sends each batch
-    /// (starting with `batch`, which holds the entries decided so far) to the
-    /// committer.
+    /// Hashes `to_hash` in bounded parallel batches and hands each batch
+    /// (starting with `batch`, which holds the entries decided so far) to
+    /// `commit`, which answers false once the committer stopped.
     fn hash_all<'a>(
         &self,
         to_hash: &[(&'a Seen, Option<&'a IndexedFile>)],
         report: &mut ScanReport,
         mut batch: Batch,
         next_sequence: &mut u64,
-        committer: &std::sync::mpsc::SyncSender<(Batch, u64)>,
+        commit: &mut dyn FnMut(Batch, u64) -> bool,
     ) -> Result<bool, ScanError> {
         let now_ns = now_ns();
         let mut start = 0;
@@ -451,12 +463,9 @@ impl Scanner<'_> {
                 }
             }
             if !batch.upserts.is_empty() || !batch.forget.is_empty() || !batch.chunks.is_empty() {
-                // A send fails only if the committer stopped on an error,
-                // which it returns itself.
-                if committer
-                    .send((std::mem::take(&mut batch), *next_sequence))
-                    .is_err()
-                {
+                // Refused only if the committer stopped on an error, which
+                // it returns itself.
+                if !commit(std::mem::take(&mut batch), *next_sequence) {
                     return Ok(sent);
                 }
                 sent = true;
@@ -585,72 +594,68 @@ impl Scanner<'_> {
         let unreadable_shared = Mutex::new(Vec::new());
         let visit = |result: Result<ignore::DirEntry, ignore::Error>| {
             let root = &root;
-            {
-                let entry = match result {
-                    Ok(entry) => entry,
-                    Err(error) => {
-                        tracing::warn!("cannot read part of the workspace: {error}");
-                        if let Some(rel) = error_path(&error)
-                            .and_then(|p| p.strip_prefix(root).ok())
-                            .and_then(Path::to_str)
-                            .and_then(|p| {
-                                RelPath::new(p.replace(std::path::MAIN_SEPARATOR, "/")).ok()
-                            })
-                        {
-                            unreadable_shared
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(rel);
-                        }
-                        return ignore::WalkState::Continue;
+            let entry = match result {
+                Ok(entry) => entry,
+                Err(error) => {
+                    tracing::warn!("cannot read part of the workspace: {error}");
+                    if let Some(rel) = error_path(&error)
+                        .and_then(|p| p.strip_prefix(root).ok())
+                        .and_then(Path::to_str)
+                        .and_then(|p| RelPath::new(p.replace(std::path::MAIN_SEPARATOR, "/")).ok())
+                    {
+                        unreadable_shared
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(rel);
                     }
-                };
-                if entry.depth() == 0 {
                     return ignore::WalkState::Continue;
                 }
-                let Ok(relative) = entry.path().strip_prefix(root) else {
-                    return ignore::WalkState::Continue;
-                };
-                let Some(rel) = relative
-                    .to_str()
-                    .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
-                else {
-                    push_limited(
-                        &mut skipped_shared.lock().unwrap(),
-                        format!("{} (name is not UTF-8)", relative.display()),
-                    );
-                    return ignore::WalkState::Continue;
-                };
-                if !in_scope(&rel) {
-                    return ignore::WalkState::Continue;
-                }
-                let path = match RelPath::new(rel.clone()) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        push_limited(&mut skipped_shared.lock().unwrap(), format!("{rel} ({e})"));
-                        return ignore::WalkState::Continue;
-                    }
-                };
-                let Ok(meta) = entry.metadata() else {
-                    return ignore::WalkState::Continue;
-                };
-                let kind = if meta.file_type().is_symlink() {
-                    FileKind::Symlink
-                } else if meta.is_dir() {
-                    FileKind::Directory
-                } else if meta.is_file() {
-                    FileKind::File
-                } else {
-                    // Sockets, FIFOs and devices are not content.
-                    return ignore::WalkState::Continue;
-                };
-                out.lock().unwrap().push(Seen {
-                    path,
-                    kind,
-                    stat: stat_of(&meta),
-                });
-                ignore::WalkState::Continue
+            };
+            if entry.depth() == 0 {
+                return ignore::WalkState::Continue;
             }
+            let Ok(relative) = entry.path().strip_prefix(root) else {
+                return ignore::WalkState::Continue;
+            };
+            let Some(rel) = relative
+                .to_str()
+                .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
+            else {
+                push_limited(
+                    &mut skipped_shared.lock().unwrap(),
+                    format!("{} (name is not UTF-8)", relative.display()),
+                );
+                return ignore::WalkState::Continue;
+            };
+            if !in_scope(&rel) {
+                return ignore::WalkState::Continue;
+            }
+            let path = match RelPath::new(rel.clone()) {
+                Ok(p) => p,
+                Err(e) => {
+                    push_limited(&mut skipped_shared.lock().unwrap(), format!("{rel} ({e})"));
+                    return ignore::WalkState::Continue;
+                }
+            };
+            let Ok(meta) = entry.metadata() else {
+                return ignore::WalkState::Continue;
+            };
+            let kind = if meta.file_type().is_symlink() {
+                FileKind::Symlink
+            } else if meta.is_dir() {
+                FileKind::Directory
+            } else if meta.is_file() {
+                FileKind::File
+            } else {
+                // Sockets, FIFOs and devices are not content.
+                return ignore::WalkState::Continue;
+            };
+            out.lock().unwrap().push(Seen {
+                path,
+                kind,
+                stat: stat_of(&meta),
+            });
+            ignore::WalkState::Continue
         };
         let few = matches!(scope, Scope::Paths(paths) if paths.len() <= SERIAL_WALK_PATHS);
         if few {
@@ -997,21 +1002,26 @@ fn open_nofollow(path: &Path) -> std::io::Result<File> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_large_file_is_ingested_in_bounded_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.redb")).unwrap();
-        let path = dir.path().join("big.bin");
-        // 80 MiB of incompressible bytes: more than two spills' worth.
+    /// `len` pseudo-random bytes (xorshift): zstd saves nothing on them.
+    fn incompressible(len: usize) -> Vec<u8> {
         let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let data: Vec<u8> = (0..80 << 20)
+        (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_large_file_is_ingested_in_bounded_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let path = dir.path().join("big.bin");
+        // 80 MiB of incompressible bytes: more than two spills' worth.
+        let data = incompressible(80 << 20);
         std::fs::write(&path, &data).unwrap();
         let spilled = std::sync::Mutex::new(Vec::new());
         let spill = |chunks: &[EncodedChunk]| {
@@ -1054,15 +1064,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db.redb")).unwrap();
         let path = dir.path().join("mixed.bin");
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut data: Vec<u8> = (0..16 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut data = incompressible(16 << 20);
         let random_len = data.len();
         let mut line = 0u64;
         while data.len() < random_len + (16 << 20) {

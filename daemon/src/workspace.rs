@@ -111,6 +111,18 @@ pub struct Status {
 }
 
 impl Status {
+    pub fn new(activity: Activity) -> Status {
+        Status {
+            activity,
+            watcher: None,
+            skipped: Vec::new(),
+            case_clashes: Vec::new(),
+            last_error: None,
+            totals: None,
+            totals_epoch: 0,
+        }
+    }
+
     /// The index changed: the counts must be taken again.
     pub fn invalidate_totals(&mut self) {
         self.totals = None;
@@ -209,18 +221,10 @@ pub fn start(
         id,
         name,
         root: root.clone(),
-        status: Mutex::new(Status {
-            activity: match &paused {
-                Some(reason) => Activity::Paused(reason.clone()),
-                None => Activity::Scanning,
-            },
-            watcher: None,
-            skipped: Vec::new(),
-            case_clashes: Vec::new(),
-            last_error: None,
-            totals: None,
-            totals_epoch: 0,
-        }),
+        status: Mutex::new(Status::new(match &paused {
+            Some(reason) => Activity::Paused(reason.clone()),
+            None => Activity::Scanning,
+        })),
         progress: ScanProgress::default(),
         cancel: AtomicBool::new(false),
     });
@@ -1448,15 +1452,7 @@ mod tests {
 
     #[test]
     fn counts_read_across_a_change_are_not_kept() {
-        let mut status = Status {
-            activity: Activity::Idle,
-            watcher: None,
-            skipped: Vec::new(),
-            case_clashes: Vec::new(),
-            last_error: None,
-            totals: None,
-            totals_epoch: 0,
-        };
+        let mut status = Status::new(Activity::Idle);
         let stale = Totals {
             files: 4919,
             ..Totals::default()

@@ -127,30 +127,29 @@ pub fn encode_chunk_with(hash: ChunkHash, raw: &[u8], compress: bool) -> Encoded
     }
 }
 
-/// Decodes a stored chunk and checks it against its id and expected length.
 /// Checks a stored chunk (length and blake3) without keeping its bytes:
 /// a raw chunk is hashed where it lies (no copy of it), a compressed one
 /// decompressed first.
 pub fn verify_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<()> {
+    match stored.split_first() {
+        Some((&CODEC_RAW, payload)) => check_raw(hash, len, payload),
+        _ => decode_chunk(hash, len, stored).map(drop),
+    }
+}
+
+/// Whether `raw` is the chunk `hash` of `len` bytes.
+fn check_raw(hash: &ChunkHash, len: u32, raw: &[u8]) -> Result<()> {
     let corrupt = |reason: String| StoreError::CorruptChunk {
         hash: *hash,
         reason,
     };
-    match stored.split_first() {
-        Some((&CODEC_RAW, payload)) => {
-            if payload.len() != len as usize {
-                return Err(corrupt(format!(
-                    "length {} instead of {len}",
-                    payload.len()
-                )));
-            }
-            if ChunkHash::of(payload) != *hash {
-                return Err(corrupt("content does not match its hash".into()));
-            }
-            Ok(())
-        }
-        _ => decode_chunk(hash, len, stored).map(drop),
+    if raw.len() != len as usize {
+        return Err(corrupt(format!("length {} instead of {len}", raw.len())));
     }
+    if ChunkHash::of(raw) != *hash {
+        return Err(corrupt("content does not match its hash".into()));
+    }
+    Ok(())
 }
 
 /// A chunk's verified bytes: a raw chunk's stored record read from the
@@ -185,6 +184,7 @@ pub fn decode_chunk_owned(hash: &ChunkHash, len: u32, stored: Vec<u8>) -> Result
     })
 }
 
+/// Decodes a stored chunk and checks it against its id and expected length.
 pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
     let corrupt = |reason: String| StoreError::CorruptChunk {
         hash: *hash,
@@ -211,12 +211,7 @@ pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>
         })?,
         other => return Err(corrupt(format!("unknown codec {other}"))),
     };
-    if raw.len() != len as usize {
-        return Err(corrupt(format!("length {} instead of {len}", raw.len())));
-    }
-    if ChunkHash::of(&raw) != *hash {
-        return Err(corrupt("content does not match its hash".into()));
-    }
+    check_raw(hash, len, &raw)?;
     Ok(raw)
 }
 

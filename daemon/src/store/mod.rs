@@ -329,18 +329,24 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes several metadata entries in one durable commit.
     /// [`Store::meta_put`] without waiting for the disk: durable with the
     /// next durable commit, lost by a crash before it. For what may be
     /// lost (progress that is read again), on paths where a sync costs.
     pub fn meta_put_lazy(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
-        let txn = self.begin_write_with(Durability::None)?;
-        put_meta(&txn, &[(key, value)])?;
-        self.commit(txn)
+        self.meta_put_with(&[(key, value)], Durability::None)
     }
 
+    /// Writes several metadata entries in one durable commit.
     pub fn meta_put_all(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
-        let txn = self.begin_write()?;
+        self.meta_put_with(entries, Durability::Immediate)
+    }
+
+    fn meta_put_with(
+        &self,
+        entries: &[(&str, Option<&[u8]>)],
+        durability: Durability,
+    ) -> Result<()> {
+        let txn = self.begin_write_with(durability)?;
         put_meta(&txn, entries)?;
         self.commit(txn)
     }
