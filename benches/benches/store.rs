@@ -100,5 +100,53 @@ fn ingest(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ingest);
+/// Storing fetched chunks: 64 MiB of incompressible chunks of 160 KiB,
+/// committed durably as answers of 2 MiB arrive, one commit each or in
+/// groups (what a receiver does with a peer's answers).
+fn commit_fetched(c: &mut Criterion) {
+    use mariesync::store::{EncodedChunk, encode_chunk_with};
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let chunks: Vec<EncodedChunk> = (0..400)
+        .map(|_| {
+            let raw: Vec<u8> = (0..160 * 1024)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            encode_chunk_with(blake3::hash(&raw).into(), &raw, false)
+        })
+        .collect();
+    let bytes: u64 = chunks.iter().map(|c| c.stored.len() as u64).sum();
+    let mut group = c.benchmark_group("commit_fetched");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(bytes));
+    for per_commit in [13usize, 52] {
+        group.bench_function(format!("{}_chunks_per_commit", per_commit), |b| {
+            b.iter_batched(
+                fresh_store,
+                |fresh| {
+                    for group in chunks.chunks(per_commit) {
+                        let group: Vec<EncodedChunk> = group
+                            .iter()
+                            .map(|c| EncodedChunk {
+                                hash: c.hash,
+                                raw_len: c.raw_len,
+                                stored: c.stored.clone(),
+                            })
+                            .collect();
+                        fresh.store.commit_fetched_chunks(&group).unwrap();
+                    }
+                    fresh
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, ingest, commit_fetched);
 criterion_main!(benches);

@@ -66,9 +66,38 @@ impl std::future::Future for ApplyAnswer {
     }
 }
 
-fn merge_failed(first: &mut Option<u64>, failed: Option<u64>) {
-    if let Some(failed) = failed {
-        *first = Some(first.map_or(failed, |f| f.min(failed)));
+/// A pull's applying: at most one group with the worker at a time, and
+/// how far the peer's index is applied here.
+struct Pipeline {
+    /// Every entry up to this sequence is applied (or refused, or was
+    /// already here).
+    applied: u64,
+    /// The group with the worker: its answer, the pins of its chunks, and
+    /// where progress reaches once it is applied.
+    applying: Option<(ApplyAnswer, crate::store::Pins, u64)>,
+    /// The first entry that could not be applied: progress stops before it.
+    failed: Option<u64>,
+}
+
+impl Pipeline {
+    /// Waits for the group with the worker; its pins go once its entries
+    /// are committed.
+    async fn finish(&mut self) -> Result<(), String> {
+        let Some((answer, pins, end)) = self.applying.take() else {
+            return Ok(());
+        };
+        let failed = answer.await;
+        drop(pins);
+        if let Some(failed) = failed? {
+            self.failed = Some(self.failed.map_or(failed, |f| f.min(failed)));
+        }
+        self.advance(end);
+        Ok(())
+    }
+
+    fn advance(&mut self, end: u64) {
+        let limit = self.failed.map_or(u64::MAX, |f| f.saturating_sub(1));
+        self.applied = self.applied.max(end.min(limit));
     }
 }
 
@@ -79,7 +108,7 @@ pub struct Replicator {
     network: Network,
     /// Pulls under way, and whether another was asked for meanwhile.
     running: Mutex<HashMap<(WorkspaceId, PeerId), bool>>,
-    /// What each peer acknowledged of each workspace (its last `since`).
+    /// What each peer acknowledged of each workspace (its last `applied`).
     acks: Mutex<HashMap<(WorkspaceId, PeerId), u64>>,
     acked: Notify,
     /// Chunks some pull is fetching now: when several peers have the same
@@ -275,7 +304,11 @@ impl Replicator {
                 }
                 Response::Ack
             }
-            Request::IndexSince { workspace, since } => {
+            Request::IndexAfter {
+                workspace,
+                after,
+                applied,
+            } => {
                 if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
                     return refused(workspace);
                 }
@@ -287,17 +320,17 @@ impl Replicator {
                 {
                     let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
                     let ack = acks.entry((workspace, peer)).or_insert(0);
-                    *ack = (*ack).max(since);
+                    *ack = (*ack).max(applied);
                 }
                 self.acked.notify_waiters();
                 let store = daemon.store.clone();
                 let read = tokio::task::spawn_blocking(move || {
-                    store.changes_since(number, since, INDEX_ENTRIES_MAX)
+                    store.changes_since(number, after, INDEX_ENTRIES_MAX)
                 })
                 .await;
                 match read {
                     Ok(Ok((entries, more, last_sequence))) => {
-                        tracing::debug!(%peer, %workspace, number, since, last_sequence, entries = entries.len(), "serving index entries");
+                        tracing::debug!(%peer, %workspace, number, after, applied, last_sequence, entries = entries.len(), "serving index entries");
                         Response::Index {
                             entries,
                             last_sequence,
@@ -492,77 +525,118 @@ impl Replicator {
         });
     }
 
+    /// Pulls `workspace` from `peer` until caught up. Pages of the index
+    /// overlap: the next page is asked for (and its chunks fetched) while
+    /// the worker still applies the last one; each request acknowledges
+    /// what is applied so far, never more.
     async fn pull_once(&self, workspace: WorkspaceId, peer: PeerId) -> Result<(), String> {
         let progress_key = format!("progress/{workspace}/{peer}");
         tracing::debug!(%peer, %workspace, "pulling");
-        loop {
-            let since = self
-                .daemon()?
-                .store
+        let store = self.daemon()?.store.clone();
+        let mut pipeline = Pipeline {
+            applied: store
                 .meta_get(&progress_key)
                 .map_err(|e| e.to_string())?
                 .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-                .unwrap_or(0);
+                .unwrap_or(0),
+            applying: None,
+            failed: None,
+        };
+        let mut after = pipeline.applied;
+        let result = loop {
+            let applied = pipeline.applied;
             let (entries, last_sequence, more) = match self
                 .network
-                .request(peer, Request::IndexSince { workspace, since })
-                .await?
+                .request(
+                    peer,
+                    Request::IndexAfter {
+                        workspace,
+                        after,
+                        applied,
+                    },
+                )
+                .await
             {
-                Response::Index {
+                Ok(Response::Index {
                     entries,
                     last_sequence,
                     more,
-                } => (entries, last_sequence, more),
-                Response::Error { message } => return Err(message),
-                other => return Err(format!("unexpected answer {other:?}")),
+                }) => (entries, last_sequence, more),
+                Ok(Response::Error { message }) => break Err(message),
+                Ok(other) => break Err(format!("unexpected answer {other:?}")),
+                Err(e) => break Err(e),
             };
-            tracing::debug!(%peer, %workspace, since, last_sequence, more, entries = entries.len(), "index page");
+            tracing::debug!(%peer, %workspace, after, applied, last_sequence, more, entries = entries.len(), "index page");
             if entries.len() > INDEX_ENTRIES_MAX
-                || last_sequence < since
-                || (more && last_sequence == since)
+                || last_sequence < after
+                || (more && last_sequence == after)
             {
-                return Err("a peer sent a malformed index page".into());
+                break Err("a peer sent a malformed index page".into());
             }
-            let failed = if entries.is_empty() {
-                None
-            } else {
-                self.apply(workspace, peer, entries).await?
-            };
-            // Progress never passes an entry that is not applied: it is asked
-            // for again on the next round. It is saved lazily: the entries
-            // it covers are committed durably already, and progress lost to
-            // a crash only means reading them again (applying is idempotent).
-            let progress = match failed {
-                Some(sequence) => sequence.saturating_sub(1).max(since),
-                None => last_sequence,
-            };
-            self.daemon()?
-                .store
-                .meta_put_lazy(&progress_key, Some(&progress.to_le_bytes()))
-                .map_err(|e| e.to_string())?;
-            if failed.is_some() {
-                return Err("some entries could not be applied yet".into());
+            if !entries.is_empty()
+                && let Err(e) = self
+                    .apply(workspace, peer, entries, last_sequence, &mut pipeline)
+                    .await
+            {
+                break Err(e);
+            }
+            let asked_after = after;
+            after = last_sequence;
+            if pipeline.applied > applied {
+                self.save_progress(&store, &progress_key, pipeline.applied)?;
+            }
+            if pipeline.failed.is_some() {
+                break Err("some entries could not be applied yet".into());
             }
             if !more {
-                if last_sequence > since {
-                    // Ask once more: it acknowledges what we just applied.
-                    continue;
+                // Caught up once everything asked for is applied and that
+                // was acknowledged; otherwise ask once more (it
+                // acknowledges, and brings what changed meanwhile).
+                if let Err(e) = pipeline.finish().await {
+                    break Err(e);
                 }
-                return Ok(());
+                self.save_progress(&store, &progress_key, pipeline.applied)?;
+                if pipeline.failed.is_some() {
+                    break Err("some entries could not be applied yet".into());
+                }
+                if last_sequence == asked_after && pipeline.applied == applied {
+                    break Ok(());
+                }
             }
-        }
+        };
+        // Whatever happened, the group under way finishes before its pins
+        // go, and what it applied counts.
+        let finished = pipeline.finish().await;
+        self.save_progress(&store, &progress_key, pipeline.applied)?;
+        result.and(finished)
     }
 
-    /// Fetches what `entries` need and has the worker apply them, in groups
-    /// whose new chunks fit in memory: while the worker applies one group,
-    /// the next one's chunks are fetched. Returns the peer's sequence of the
-    /// first entry not applied, if any.
+    /// Progress is saved lazily: the entries it covers are committed
+    /// durably already, and progress lost to a crash only means reading
+    /// them again (applying is idempotent).
+    fn save_progress(
+        &self,
+        store: &crate::store::Store,
+        key: &str,
+        applied: u64,
+    ) -> Result<(), String> {
+        store
+            .meta_put_lazy(key, Some(&applied.to_le_bytes()))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Fetches what one page's `entries` need and has the worker apply
+    /// them, in groups whose new chunks fit in memory: while the worker
+    /// applies one group (of this page or the last), the next one's chunks
+    /// are fetched. `last_sequence` is the page's.
     async fn apply(
         &self,
         workspace: WorkspaceId,
         peer: PeerId,
         entries: Vec<FileEntry>,
-    ) -> Result<Option<u64>, String> {
+        last_sequence: u64,
+        pipeline: &mut Pipeline,
+    ) -> Result<(), String> {
         // A viewer's changes are never accepted, whoever relays them.
         let daemon = self.daemon()?;
         let (entries, refused): (Vec<FileEntry>, Vec<FileEntry>) = entries
@@ -586,73 +660,53 @@ impl Replicator {
             group_bytes += entry.size;
             groups.last_mut().expect("a group").push(entry);
         }
-        let mut first_failed: Option<u64> = None;
-        // The group being applied, and the pins of its chunks.
-        let mut applying: Option<(ApplyAnswer, crate::store::Pins)> = None;
-        let mut result = Ok(());
-        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+        groups.retain(|g| !g.is_empty());
+        // Once a group and all before it are applied, progress reaches the
+        // entry before the next group (refused entries included), or the
+        // page's end.
+        let ends: Vec<u64> = groups
+            .iter()
+            .skip(1)
+            .map(|g| g[0].sequence.saturating_sub(1).min(last_sequence))
+            .chain(std::iter::once(last_sequence))
+            .collect();
+        if groups.is_empty() {
+            // Nothing to apply: the page counts once what is under way does.
+            pipeline.finish().await?;
+            pipeline.advance(last_sequence);
+            return Ok(());
+        }
+        for (group, end) in groups.into_iter().zip(ends) {
             let plan_store = store.clone();
-            let planned = tokio::task::spawn_blocking(move || {
+            let (group, missing) = tokio::task::spawn_blocking(move || {
                 let missing = crate::workspace::plan_remote(&plan_store, number, &group);
                 (group, missing)
             })
-            .await;
-            let (group, missing) = match planned {
-                Ok((group, Ok(missing))) => (group, missing),
-                Ok((_, Err(e))) => {
-                    result = Err(e.to_string());
-                    break;
-                }
-                Err(e) => {
-                    result = Err(e.to_string());
-                    break;
-                }
-            };
+            .await
+            .map_err(|e| e.to_string())?;
+            let missing = missing.map_err(|e| e.to_string())?;
             // Pinned from before they are stored until the entries that
             // reference them are committed: GC keeps them, and a crash in
             // between leaves them stored, not fetched again.
             let pins = store.pin(missing.iter().map(|c| c.hash).collect());
             let started = std::time::Instant::now();
-            if let Err(e) = self.fetch(peer, workspace, &missing).await {
-                result = Err(e);
-                break;
-            }
+            self.fetch(peer, workspace, &missing).await?;
             tracing::debug!(%peer, %workspace, entries = group.len(), chunks = missing.len(), ms = started.elapsed().as_millis() as u64, "fetched a group's chunks");
             // One group applies at a time, in order.
-            if let Some((answer, pins)) = applying.take() {
-                let failed = answer.await;
-                drop(pins);
-                match failed {
-                    Ok(failed) => merge_failed(&mut first_failed, failed),
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
-            }
+            pipeline.finish().await?;
             let (reply, answer) = oneshot::channel();
-            if let Err(e) = self.daemon()?.send_job(
-                workspace,
-                Job::Apply {
-                    entries: group,
-                    reply,
-                },
-            ) {
-                result = Err(e.to_string());
-                break;
-            }
-            applying = Some((ApplyAnswer(answer), pins));
+            self.daemon()?
+                .send_job(
+                    workspace,
+                    Job::Apply {
+                        entries: group,
+                        reply,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            pipeline.applying = Some((ApplyAnswer(answer), pins, end));
         }
-        // Whatever happened, the group under way finishes before its pins go.
-        if let Some((answer, pins)) = applying.take() {
-            let failed = answer.await;
-            drop(pins);
-            match failed {
-                Ok(failed) => merge_failed(&mut first_failed, failed),
-                Err(e) => result = result.and(Err(e)),
-            }
-        }
-        result.map(|()| first_failed)
+        Ok(())
     }
 
     /// Fetches chunks from `peer`, several requests in flight, verifying
@@ -679,15 +733,20 @@ impl Replicator {
             if pending.is_empty() {
                 return Ok(());
             }
-            // Requests sized to what one answer carries.
+            // Requests sized to what one answer carries, and at least as
+            // many as may be in flight: the peer reads each on its own
+            // thread (many small chunks cost it more than their bytes).
+            let per_request = pending
+                .len()
+                .div_ceil(FETCHES_IN_FLIGHT)
+                .clamp(1, CHUNK_REQUEST_MAX);
             let mut requests: Vec<Vec<ChunkHash>> = Vec::new();
             let mut bytes = 0;
             for chunk in &pending {
                 let len = chunk.len as usize;
                 match requests.last_mut() {
                     Some(last)
-                        if last.len() < CHUNK_REQUEST_MAX
-                            && bytes + len <= CHUNK_RESPONSE_BYTES_MAX =>
+                        if last.len() < per_request && bytes + len <= CHUNK_RESPONSE_BYTES_MAX =>
                     {
                         last.push(chunk.hash);
                         bytes += len;

@@ -14,11 +14,13 @@ pub const JOIN_PROTOCOL: &str = "/mariesync/join/1";
 /// No join message may be larger.
 pub const JOIN_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Version of the messages below; a peer with another answers with an error.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `IndexAfter` (asking for entries and acknowledging are separate, so a
+/// receiver asks for the next page while it still applies the last).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// No frame from a peer may be larger (before any decompression).
 pub const WIRE_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 
-/// Index entries one `IndexSince` answer carries at most.
+/// Index entries one `IndexAfter` answer carries at most.
 pub const INDEX_ENTRIES_MAX: usize = 1024;
 /// Hashes one `Chunks` request names at most.
 pub const CHUNK_REQUEST_MAX: usize = 512;
@@ -32,9 +34,15 @@ pub enum Request {
         protocol_version: u32,
         device_name: String,
     },
-    /// The entries of `workspace` changed after `since`, in sequence order.
-    /// Asking also acknowledges everything up to `since`.
-    IndexSince { workspace: WorkspaceId, since: u64 },
+    /// The entries of `workspace` changed after `after`, in sequence order;
+    /// also an acknowledgement: every entry up to `applied` is applied
+    /// here, durably (`applied` trails `after` while earlier pages are
+    /// still being applied).
+    IndexAfter {
+        workspace: WorkspaceId,
+        after: u64,
+        applied: u64,
+    },
     /// Chunks of `workspace` by hash, in their stored form.
     Chunks {
         workspace: WorkspaceId,
@@ -71,7 +79,7 @@ pub enum Response {
         protocol_version: u32,
         device_name: String,
     },
-    /// `last_sequence`: the sequence of the last entry sent (or `since`).
+    /// `last_sequence`: the sequence of the last entry sent (or `after`).
     Index {
         entries: Vec<FileEntry>,
         last_sequence: u64,

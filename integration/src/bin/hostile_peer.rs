@@ -124,7 +124,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
     let bomb_hash = ChunkHash::of(&[0u8; 1000]);
     let honest_hash = ChunkHash::of(&[7u8; 100]);
     match (attack, request) {
-        (Attack::EscapingPath, Request::IndexSince { .. }) => {
+        (Attack::EscapingPath, Request::IndexAfter { .. }) => {
             // A valid entry, then its path bytes rewritten: the same length,
             // so the encoding stays well formed but for the path.
             let index = Response::Index {
@@ -140,7 +140,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
             bytes[at..at + 13].copy_from_slice(b"../escape.txt");
             Raw(bytes)
         }
-        (Attack::DecompressionBomb, Request::IndexSince { .. }) => frame(&Response::Index {
+        (Attack::DecompressionBomb, Request::IndexAfter { .. }) => frame(&Response::Index {
             entries: vec![entry("bomb.bin", 1000, bomb_hash, me)],
             last_sequence: 1,
             more: false,
@@ -152,7 +152,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
                 chunks: vec![(bomb_hash, stored)],
             })
         }
-        (Attack::WrongHash, Request::IndexSince { .. }) => frame(&Response::Index {
+        (Attack::WrongHash, Request::IndexAfter { .. }) => frame(&Response::Index {
             entries: vec![entry("wrong.bin", 100, honest_hash, me)],
             last_sequence: 1,
             more: false,
@@ -164,9 +164,9 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
                 chunks: vec![(honest_hash, stored)],
             })
         }
-        (_, Request::IndexSince { since, .. }) => frame(&Response::Index {
+        (_, Request::IndexAfter { after, .. }) => frame(&Response::Index {
             entries: Vec::new(),
-            last_sequence: *since,
+            last_sequence: *after,
             more: false,
         }),
         _ => frame(&Response::Ack),
