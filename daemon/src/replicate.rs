@@ -1022,3 +1022,49 @@ impl Replicator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group sent to the worker, answered with `failed`.
+    fn answered(
+        store: &Arc<crate::store::Store>,
+        failed: Option<u64>,
+        end: u64,
+    ) -> (ApplyAnswer, crate::store::Pins, u64) {
+        let (reply, answer) = oneshot::channel();
+        reply.send(Ok(failed)).expect("the answer is awaited");
+        (ApplyAnswer(answer), store.pin(Vec::new()), end)
+    }
+
+    /// What a request acknowledges never passes an entry not applied: a
+    /// group counts once its answer is in, and a failed entry holds
+    /// progress before it whatever is applied after.
+    #[test]
+    fn progress_stops_before_the_first_entry_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::Store::open(&dir.path().join("s.redb")).unwrap());
+        let mut pipeline = Pipeline {
+            applied: 4,
+            applying: Some(answered(&store, None, 10)),
+            failed: None,
+        };
+        assert_eq!(pipeline.applied, 4, "sent to the worker is not applied");
+        futures::executor::block_on(pipeline.finish()).unwrap();
+        assert_eq!(pipeline.applied, 10);
+        pipeline.applying = Some(answered(&store, Some(15), 20));
+        futures::executor::block_on(pipeline.finish()).unwrap();
+        assert_eq!((pipeline.applied, pipeline.failed), (14, Some(15)));
+        pipeline.applying = Some(answered(&store, None, 30));
+        futures::executor::block_on(pipeline.finish()).unwrap();
+        pipeline.advance(40);
+        assert_eq!(pipeline.applied, 14);
+        // A worker that stopped is an error, and nothing advances.
+        let (reply, answer) = oneshot::channel::<Result<Option<u64>, RpcError>>();
+        drop(reply);
+        pipeline.applying = Some((ApplyAnswer(answer), store.pin(Vec::new()), 50));
+        assert!(futures::executor::block_on(pipeline.finish()).is_err());
+        assert_eq!(pipeline.applied, 14);
+    }
+}
