@@ -110,8 +110,8 @@ pub enum Command {
         reply: oneshot::Sender<Result<Response, String>>,
     },
     Respond {
-        channel: request_response::ResponseChannel<Response>,
-        response: Response,
+        channel: request_response::ResponseChannel<Outgoing<Response>>,
+        response: Outgoing<Response>,
     },
     /// Whether unknown devices may connect to present a ticket.
     AdmitGuests(bool),
@@ -122,7 +122,7 @@ pub enum Command {
         reply: oneshot::Sender<Result<JoinResponse, String>>,
     },
     JoinRespond {
-        channel: request_response::ResponseChannel<JoinResponse>,
+        channel: request_response::ResponseChannel<Outgoing<JoinResponse>>,
         response: JoinResponse,
     },
     /// Closes the connections with `peer` and dials it again at once (after
@@ -145,13 +145,13 @@ pub enum NetEvent {
     Request {
         peer: PeerId,
         request: Request,
-        channel: request_response::ResponseChannel<Response>,
+        channel: request_response::ResponseChannel<Outgoing<Response>>,
     },
     /// A device presents a ticket; answer with [`Command::JoinRespond`].
     JoinRequest {
         peer: PeerId,
         request: JoinRequest,
-        channel: request_response::ResponseChannel<JoinResponse>,
+        channel: request_response::ResponseChannel<Outgoing<JoinResponse>>,
     },
     /// Where a trusted peer says it listens (to be remembered).
     Addresses {
@@ -211,7 +211,7 @@ impl Network {
 
     pub async fn respond_join(
         &self,
-        channel: request_response::ResponseChannel<JoinResponse>,
+        channel: request_response::ResponseChannel<Outgoing<JoinResponse>>,
         response: JoinResponse,
     ) {
         let _ = self
@@ -222,8 +222,8 @@ impl Network {
 
     pub async fn respond(
         &self,
-        channel: request_response::ResponseChannel<Response>,
-        response: Response,
+        channel: request_response::ResponseChannel<Outgoing<Response>>,
+        response: Outgoing<Response>,
     ) {
         let _ = self
             .commands
@@ -394,7 +394,7 @@ impl Node {
                         }
                     }
                     Some(Command::JoinRespond { channel, response }) => {
-                        let _ = self.swarm.behaviour_mut().join.send_response(channel, response);
+                        let _ = self.swarm.behaviour_mut().join.send_response(channel, Outgoing::Message(response));
                     }
                     Some(Command::Disconnect { peer, reason }) => self.drop_offender(peer, &reason),
                     Some(Command::Redial { peer }) => {
@@ -666,7 +666,10 @@ impl Node {
         }
     }
 
-    fn on_sync_event(&mut self, event: request_response::Event<Framed<Request>, Response>) {
+    fn on_sync_event(
+        &mut self,
+        event: request_response::Event<Framed<Request>, Outgoing<Response>>,
+    ) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -718,7 +721,7 @@ impl Node {
                                     .behaviour_mut()
                                     .sync
                                     .inner
-                                    .send_response(channel, busy);
+                                    .send_response(channel, Outgoing::Message(busy));
                             }
                             return;
                         }
@@ -728,11 +731,11 @@ impl Node {
                         .behaviour_mut()
                         .sync
                         .inner
-                        .send_response(channel, response);
+                        .send_response(channel, Outgoing::Message(response));
                 }
                 request_response::Message::Response {
                     request_id,
-                    response,
+                    response: Outgoing::Message(response),
                 } => match response {
                     _ if self.pending.contains_key(&request_id) => {
                         if let Some(reply) = self.pending.remove(&request_id) {
@@ -745,6 +748,11 @@ impl Node {
                     Response::Error { message } => tracing::warn!(%peer, "peer refused: {message}"),
                     _ => {}
                 },
+                // Only written, never read.
+                request_response::Message::Response {
+                    response: Outgoing::Encoded(_),
+                    ..
+                } => {}
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "inbound sync message failed: {error}");
@@ -776,7 +784,10 @@ impl Node {
 }
 
 impl Node {
-    fn on_join_event(&mut self, event: request_response::Event<Framed<JoinRequest>, JoinResponse>) {
+    fn on_join_event(
+        &mut self,
+        event: request_response::Event<Framed<JoinRequest>, Outgoing<JoinResponse>>,
+    ) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -799,17 +810,25 @@ impl Node {
                         let busy = JoinResponse::Refused {
                             message: "the inviting device is busy; try again".into(),
                         };
-                        let _ = self.swarm.behaviour_mut().join.send_response(channel, busy);
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .join
+                            .send_response(channel, Outgoing::Message(busy));
                     }
                 }
                 request_response::Message::Response {
                     request_id,
-                    response,
+                    response: Outgoing::Message(response),
                 } => {
                     if let Some(reply) = self.pending_joins.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
+                request_response::Message::Response {
+                    response: Outgoing::Encoded(_),
+                    ..
+                } => {}
             },
             request_response::Event::OutboundFailure {
                 request_id, error, ..
@@ -833,6 +852,15 @@ impl Node {
 pub enum Framed<T> {
     Message(T),
     Malformed(String),
+}
+
+/// An answer on its way out: a message, or one framed already (an answer
+/// of chunks is read from the store straight into its frame: see
+/// [`wire::encode_chunks_with`]). Answers read are always messages.
+#[derive(Debug)]
+pub enum Outgoing<A> {
+    Message(A),
+    Encoded(Vec<u8>),
 }
 
 /// Length-prefixed postcard frames of requests `Q` and responses `A`, at
@@ -891,7 +919,7 @@ where
 {
     type Protocol = StreamProtocol;
     type Request = Framed<Q>;
-    type Response = A;
+    type Response = Outgoing<A>;
 
     async fn read_request<T>(
         &mut self,
@@ -910,11 +938,15 @@ where
         }
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<A>
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Outgoing<A>>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_frame(io, MAX).await
+        read_frame(io, MAX).await.map(Outgoing::Message)
     }
 
     async fn write_request<T>(
@@ -939,12 +971,18 @@ where
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        response: A,
+        response: Outgoing<A>,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &response).await
+        match response {
+            Outgoing::Message(response) => write_frame(io, &response).await,
+            Outgoing::Encoded(frame) => {
+                io.write_all(&frame).await?;
+                io.flush().await
+            }
+        }
     }
 }
 

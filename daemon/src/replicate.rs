@@ -26,14 +26,14 @@ use mariesync_protocol::index::ChunkRef;
 use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
 use mariesync_protocol::membership::Role;
 use mariesync_protocol::wire::{
-    CHUNK_REQUEST_MAX, CHUNK_RESPONSE_BYTES_MAX, INDEX_ENTRIES_MAX, JoinRequest, JoinResponse,
-    Request, Response,
+    self as wire, CHUNK_REQUEST_MAX, CHUNK_RESPONSE_BYTES_MAX, INDEX_ENTRIES_MAX, JoinRequest,
+    JoinResponse, Request, Response,
 };
 use mariesync_protocol::{ChunkHash, FileEntry, WorkspaceId};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::daemon::Daemon;
-use crate::network::{NetEvent, Network};
+use crate::network::{NetEvent, Network, Outgoing};
 use crate::store::EncodedChunk;
 use crate::workspace::Job;
 
@@ -216,7 +216,12 @@ impl Replicator {
                 } => {
                     let this = self.clone();
                     tokio::spawn(async move {
-                        let response = this.serve(peer, request).await;
+                        let response = match request {
+                            Request::Chunks { workspace, hashes } => {
+                                this.serve_chunks(peer, workspace, hashes).await
+                            }
+                            request => Outgoing::Message(this.serve(peer, request).await),
+                        };
                         this.network.respond(channel, response).await;
                     });
                 }
@@ -345,46 +350,79 @@ impl Replicator {
                     },
                 }
             }
-            Request::Chunks { workspace, hashes } => {
-                if hashes.len() > CHUNK_REQUEST_MAX {
-                    return Response::Error {
-                        message: format!("at most {CHUNK_REQUEST_MAX} chunks per request"),
-                    };
-                }
-                if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
-                    return refused(workspace);
-                }
-                let store = daemon.store.clone();
-                let read = tokio::task::spawn_blocking(
-                    move || -> Result<Vec<(ChunkHash, Vec<u8>)>, String> {
-                        let reader = store.reader().map_err(|e| e.to_string())?;
-                        let mut out = Vec::new();
-                        let mut bytes = 0;
-                        for hash in hashes {
-                            match store.stored_chunk(&reader, &hash) {
-                                Ok(Some(chunk)) => {
-                                    bytes += chunk.stored.len();
-                                    out.push((hash, chunk.stored));
-                                    if bytes >= CHUNK_RESPONSE_BYTES_MAX {
-                                        break;
-                                    }
-                                }
-                                Ok(None) => {}
-                                Err(e) => tracing::error!("not serving chunk {hash}: {e}"),
-                            }
+            Request::Chunks { .. } => unreachable!("answered by serve_chunks"),
+        }
+    }
+
+    /// Answers a `Chunks` request: the chunks found (missing or corrupt
+    /// ones left out), up to an answer's size, read from the store straight
+    /// into the answer's frame.
+    async fn serve_chunks(
+        &self,
+        peer: PeerId,
+        workspace: WorkspaceId,
+        hashes: Vec<ChunkHash>,
+    ) -> Outgoing<Response> {
+        let error = |message: String| Outgoing::Message(Response::Error { message });
+        if hashes.len() > CHUNK_REQUEST_MAX {
+            return error(format!("at most {CHUNK_REQUEST_MAX} chunks per request"));
+        }
+        let daemon = match self.daemon() {
+            Ok(daemon) => daemon,
+            Err(message) => return error(message),
+        };
+        if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
+            return error(format!("workspace {workspace} is not shared with {peer}"));
+        }
+        let store = daemon.store.clone();
+        drop(daemon);
+        let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+            let reader = store.reader().map_err(|e| e.to_string())?;
+            let mut found = Vec::new();
+            let mut bytes = 0;
+            for hash in hashes {
+                match store.stored_at(&reader, &hash) {
+                    Ok(Some(at)) => {
+                        bytes += at.stored as usize;
+                        found.push((hash, at));
+                        if bytes >= CHUNK_RESPONSE_BYTES_MAX {
+                            break;
                         }
-                        Ok(out)
-                    },
-                )
-                .await;
-                match read {
-                    Ok(Ok(chunks)) => Response::Chunks { chunks },
-                    Ok(Err(message)) => Response::Error { message },
-                    Err(e) => Response::Error {
-                        message: e.to_string(),
-                    },
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("not serving chunk {hash}: {e}"),
                 }
             }
+            // A chunk that fails its check is left out and the rest laid
+            // out again (rare: the store is damaged).
+            loop {
+                let layout: Vec<(ChunkHash, usize)> = found
+                    .iter()
+                    .map(|(h, at)| (*h, at.stored as usize))
+                    .collect();
+                let mut bad = None;
+                let frame = wire::encode_chunks_with(&layout, |i, out| {
+                    let (hash, at) = &found[i];
+                    store.read_stored_into(&reader, hash, at, out).map_err(|e| {
+                        tracing::error!("not serving chunk {hash}: {e}");
+                        bad = Some(i);
+                        wire::WireError::Malformed(e.to_string())
+                    })
+                });
+                match (frame, bad) {
+                    (Ok(frame), _) => return Ok(frame),
+                    (Err(_), Some(i)) => {
+                        found.remove(i);
+                    }
+                    (Err(e), None) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        match read {
+            Ok(Ok(frame)) => Outgoing::Encoded(frame),
+            Ok(Err(message)) => error(message),
+            Err(e) => error(e.to_string()),
         }
     }
 

@@ -36,7 +36,7 @@ pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
 const WHOLE_READ_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// One commit holds at most this many entries or this many new chunk bytes.
 const BATCH_ENTRIES_MAX: usize = 4096;
-const BATCH_BYTES_MAX: u64 = 8 * 1024 * 1024;
+const BATCH_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// A partial scan of at most this many paths walks on the caller's thread.
 const SERIAL_WALK_PATHS: usize = 64;
 /// A scan of at most this many files and bytes to hash runs on the

@@ -159,14 +159,64 @@ pub enum WireError {
     Malformed(String),
 }
 
+/// A message as one frame, written once into a buffer of its exact size:
+/// a 2 MiB answer of chunks is not built in a doubling buffer and copied
+/// again (which held four times its size at the peak).
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
-    let body = postcard::to_stdvec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if body.len() > WIRE_FRAME_BYTES_MAX {
-        return Err(WireError::TooLarge(body.len(), WIRE_FRAME_BYTES_MAX));
+    let malformed = |e: postcard::Error| WireError::Malformed(e.to_string());
+    let len = postcard::experimental::serialized_size(message).map_err(malformed)?;
+    if len > WIRE_FRAME_BYTES_MAX {
+        return Err(WireError::TooLarge(len, WIRE_FRAME_BYTES_MAX));
     }
-    let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
+    let mut frame = vec![0u8; len + 4];
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    postcard::to_slice(message, &mut frame[4..]).map_err(malformed)?;
+    Ok(frame)
+}
+
+/// The frame of `Response::Chunks` for chunks of these hashes and stored
+/// lengths, each chunk's bytes written in place by `fill(i, bytes)`: the
+/// same bytes as [`encode`] makes of the message, but an answer's chunks
+/// are read straight into its frame instead of being held twice.
+pub fn encode_chunks_with<E: From<WireError>>(
+    chunks: &[(ChunkHash, usize)],
+    mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
+    fn varint(mut value: usize, out: &mut Vec<u8>) {
+        while value >= 0x80 {
+            out.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+    fn varint_len(value: usize) -> usize {
+        (usize::BITS - (value | 1).leading_zeros()).div_ceil(7) as usize
+    }
+    // The variant's tag: an empty list's encoding without its length (0).
+    let empty = postcard::to_stdvec(&Response::Chunks { chunks: Vec::new() })
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let tag = &empty[..empty.len() - 1];
+    let len = tag.len()
+        + varint_len(chunks.len())
+        + chunks
+            .iter()
+            .map(|&(_, n)| 32 + varint_len(n) + n)
+            .sum::<usize>();
+    if len > WIRE_FRAME_BYTES_MAX {
+        return Err(WireError::TooLarge(len, WIRE_FRAME_BYTES_MAX).into());
+    }
+    let mut frame = Vec::with_capacity(len + 4);
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
+    frame.extend_from_slice(tag);
+    varint(chunks.len(), &mut frame);
+    for (i, &(hash, n)) in chunks.iter().enumerate() {
+        frame.extend_from_slice(&hash.0);
+        varint(n, &mut frame);
+        let at = frame.len();
+        frame.resize(at + n, 0);
+        fill(i, &mut frame[at..])?;
+    }
+    debug_assert_eq!(frame.len(), len + 4);
     Ok(frame)
 }
 
@@ -201,6 +251,55 @@ mod tests {
             check_length(u32::MAX.to_le_bytes(), WIRE_FRAME_BYTES_MAX),
             Err(WireError::TooLarge(u32::MAX as usize, WIRE_FRAME_BYTES_MAX))
         );
+    }
+
+    /// A frame is the length, then exactly postcard's encoding: its size
+    /// is computed before it is written, never guessed.
+    #[test]
+    fn frames_are_sized_exactly() {
+        let chunks: Vec<(ChunkHash, Vec<u8>)> = [0usize, 1, 127, 128, 300, 70_000]
+            .iter()
+            .map(|&n| (ChunkHash::of(&n.to_le_bytes()), vec![n as u8; n]))
+            .collect();
+        let messages = [
+            Response::Chunks { chunks },
+            Response::Error {
+                message: "é".repeat(200),
+            },
+            Response::Ack,
+        ];
+        for message in messages {
+            let frame = encode(&message).unwrap();
+            let body = postcard::to_stdvec(&message).unwrap();
+            assert_eq!(frame[..4], (body.len() as u32).to_le_bytes());
+            assert_eq!(frame[4..], body[..]);
+        }
+    }
+
+    /// An answer laid out from lengths and filled in place is the same
+    /// frame as the message encoded whole.
+    #[test]
+    fn chunks_filled_in_place_match_their_encoding() {
+        let chunks: Vec<(ChunkHash, Vec<u8>)> = [0usize, 1, 127, 128, 16_383, 16_384, 70_000]
+            .iter()
+            .map(|&n| (ChunkHash::of(&n.to_le_bytes()), vec![n as u8; n]))
+            .collect();
+        for count in [0, 1, chunks.len()] {
+            let chunks = chunks[..count].to_vec();
+            let layout: Vec<(ChunkHash, usize)> =
+                chunks.iter().map(|(h, b)| (*h, b.len())).collect();
+            let filled = encode_chunks_with::<WireError>(&layout, |i, out| {
+                out.copy_from_slice(&chunks[i].1);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(filled, encode(&Response::Chunks { chunks }).unwrap());
+        }
+        let too_many = [(ChunkHash::of(b""), WIRE_FRAME_BYTES_MAX)];
+        assert!(matches!(
+            encode_chunks_with::<WireError>(&too_many, |_, _| Ok(())),
+            Err(WireError::TooLarge(..))
+        ));
     }
 
     /// Byte strings keep postcard's encoding of a byte sequence: peers of

@@ -202,7 +202,7 @@ impl Store {
                 }
                 tracing::debug!("database repair {:.0}%", session.progress() * 100.0);
             })
-            .set_cache_size(12 * 1024 * 1024)
+            .set_cache_size(8 * 1024 * 1024)
             .create(path)?;
         let store = Store {
             db,
@@ -752,24 +752,38 @@ impl Store {
         Ok((out, more, covered))
     }
 
-    /// A chunk's stored form (codec byte and payload), verified first: a
-    /// corrupt chunk is never served.
-    pub fn stored_chunk(
+    /// Where a chunk's stored form lies (for [`Store::read_stored_into`]),
+    /// if it is here.
+    pub fn stored_at(&self, reader: &ChunkReader, hash: &ChunkHash) -> Result<Option<StoredAt>> {
+        Ok(reader.info.get(hash.0)?.map(|info| {
+            let (pack, offset, stored, raw) = info.value();
+            StoredAt {
+                pack,
+                offset,
+                stored,
+                raw,
+            }
+        }))
+    }
+
+    /// Reads the stored form of chunk `hash` found `at` into `out` (of its
+    /// stored length) and verifies it: a corrupt chunk is never served.
+    pub fn read_stored_into(
         &self,
         reader: &ChunkReader,
         hash: &ChunkHash,
-    ) -> Result<Option<EncodedChunk>> {
-        let Some(info) = reader.info.get(hash.0)? else {
-            return Ok(None);
-        };
-        let (pack, offset, stored, raw) = info.value();
-        let bytes = read_packed(&reader.data, pack, offset, stored)?;
-        verify_chunk(hash, raw, &bytes)?;
-        Ok(Some(EncodedChunk {
-            hash: *hash,
-            raw_len: raw,
-            stored: bytes,
-        }))
+        at: &StoredAt,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if out.len() != at.stored as usize {
+            return Err(StoreError::Record(format!(
+                "chunk {hash} is {} stored bytes, not {}",
+                at.stored,
+                out.len()
+            )));
+        }
+        read_packed_into(&reader.data, at.pack, at.offset, out)?;
+        verify_chunk(hash, at.raw, out)
     }
 
     // ---- trusted peers ----------------------------------------------------
@@ -1104,8 +1118,39 @@ fn read_packed(
     offset: u32,
     stored: u32,
 ) -> Result<Vec<u8>> {
-    let (start, end) = (offset as usize, offset as usize + stored as usize);
     let mut out = Vec::with_capacity(stored as usize);
+    for_each_piece(data, pack, offset, stored, |piece| {
+        out.extend_from_slice(piece)
+    })?;
+    Ok(out)
+}
+
+/// Reads `out.len()` stored bytes at `offset` of `pack` into `out`.
+fn read_packed_into(
+    data: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    pack: u64,
+    offset: u32,
+    out: &mut [u8],
+) -> Result<()> {
+    let mut at = 0;
+    for_each_piece(data, pack, offset, out.len() as u32, |piece| {
+        out[at..at + piece.len()].copy_from_slice(piece);
+        at += piece.len();
+    })
+}
+
+/// Hands the `stored` bytes at `offset` of `pack` to `take`, a part's
+/// piece at a time, in order; an error if the pack is shorter.
+fn for_each_piece(
+    data: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    pack: u64,
+    offset: u32,
+    stored: u32,
+    mut take: impl FnMut(&[u8]),
+) -> Result<()> {
+    let (start, end) = (offset as usize, offset as usize + stored as usize);
+    let short = || StoreError::Record(format!("pack {pack} is shorter than its index says"));
+    let mut taken = 0;
     for part in start / PART_BYTES..end.div_ceil(PART_BYTES) {
         let Some(piece) = data.get((pack, part as u32))? else {
             return Err(StoreError::Record(format!(
@@ -1117,18 +1162,15 @@ fn read_packed(
         let from = start.max(part_start) - part_start;
         let to = (end.min(part_start + piece.len())).saturating_sub(part_start);
         if from > to {
-            return Err(StoreError::Record(format!(
-                "pack {pack} is shorter than its index says"
-            )));
+            return Err(short());
         }
-        out.extend_from_slice(&piece[from..to]);
+        take(&piece[from..to]);
+        taken += to - from;
     }
-    if out.len() != stored as usize {
-        return Err(StoreError::Record(format!(
-            "pack {pack} is shorter than its index says"
-        )));
+    if taken != stored as usize {
+        return Err(short());
     }
-    Ok(out)
+    Ok(())
 }
 
 fn decode_range<K: redb::Key + 'static>(
@@ -1166,6 +1208,16 @@ impl ChunkReader {
         })?;
         decode_chunk_owned(hash, len, bytes)
     }
+}
+
+/// Where a chunk's stored form lies in its pack, and its lengths.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredAt {
+    pack: u64,
+    offset: u32,
+    /// Length of the stored form (codec byte included).
+    pub stored: u32,
+    raw: u32,
 }
 
 /// Reads and decodes a checkpoint's manifest, verifying every chunk.
