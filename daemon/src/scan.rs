@@ -126,6 +126,9 @@ pub struct ScanReport {
     pub case_clashes: Option<Vec<(String, String)>>,
     /// Files that changed while being read; scanned again later.
     pub unstable: Vec<RelPath>,
+    /// Entries forgotten because they are ignored now (not changes: an
+    /// ignored file is never deleted elsewhere, but counts move).
+    pub forgotten: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +311,7 @@ impl Scanner<'_> {
                 // sequence moves so checkpoints see the index changed.
                 _ => {
                     batch.forget.push(old.entry.path.clone());
+                    report.forgotten += 1;
                     next_sequence += 1;
                 }
             }

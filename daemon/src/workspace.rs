@@ -691,7 +691,7 @@ impl Worker {
                     if let Some(clashes) = &report.case_clashes {
                         s.case_clashes = clashes.clone();
                     }
-                    if !report.changes.is_empty() {
+                    if !report.changes.is_empty() || report.forgotten > 0 {
                         s.invalidate_totals();
                     }
                 });

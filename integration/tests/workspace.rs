@@ -111,9 +111,18 @@ fn ignored_files_are_not_indexed() {
         ]
     );
 
+    // The file counts `status` shows follow, both ways (a scan that only
+    // forgets newly ignored files changes the count too).
+    let status_files = || device.cli_json(&["status"])["workspaces"][0]["files"].clone();
+    assert_eq!(status_files(), 5);
     std::fs::write(root.join("sub/.gitignore"), "").unwrap();
     device.flush(&ws);
     assert!(index_state(&device, &ws).contains_key("sub/secret.txt"));
+    assert_eq!(status_files(), 6);
+    std::fs::write(root.join("sub/.gitignore"), "secret.txt\n").unwrap();
+    device.flush(&ws);
+    assert!(!index_state(&device, &ws).contains_key("sub/secret.txt"));
+    assert_eq!(status_files(), 5);
 }
 
 /// A file saved in the IDE is indexed by the watcher alone, and at once
