@@ -66,6 +66,13 @@ impl std::future::Future for ApplyAnswer {
     }
 }
 
+/// The answer to a request about a workspace not shared with `peer`.
+fn refused(workspace: WorkspaceId, peer: PeerId) -> Response {
+    Response::Error {
+        message: format!("workspace {workspace} is not shared with {peer}"),
+    }
+}
+
 /// A pull's applying: at most one group with the worker at a time, and
 /// how far the peer's index is applied here.
 struct Pipeline {
@@ -235,9 +242,6 @@ impl Replicator {
                 message: "shutting down".into(),
             };
         };
-        let refused = |workspace: WorkspaceId| Response::Error {
-            message: format!("workspace {workspace} is not shared with {peer}"),
-        };
         match request {
             Request::Hello { .. } => Response::Ack,
             Request::Settings {
@@ -305,7 +309,7 @@ impl Replicator {
                             }),
                         );
                     }
-                    None => return refused(workspace),
+                    None => return refused(workspace, peer),
                 }
                 Response::Ack
             }
@@ -315,7 +319,7 @@ impl Replicator {
                 applied,
             } => {
                 if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
-                    return refused(workspace);
+                    return refused(workspace, peer);
                 }
                 let Some(number) = daemon.workspace_number(workspace) else {
                     return Response::Error {
@@ -372,7 +376,7 @@ impl Replicator {
             Err(message) => return error(message),
         };
         if daemon.sharing.role(workspace, &peer.to_string()).is_none() {
-            return error(format!("workspace {workspace} is not shared with {peer}"));
+            return Outgoing::Message(refused(workspace, peer));
         }
         let store = daemon.store.clone();
         drop(daemon);
@@ -381,7 +385,7 @@ impl Replicator {
             let mut found = Vec::new();
             let mut bytes = 0;
             for hash in hashes {
-                match store.stored_at(&reader, &hash) {
+                match reader.stored_at(&hash) {
                     Ok(Some(at)) => {
                         bytes += at.stored as usize;
                         found.push((hash, at));
@@ -403,7 +407,7 @@ impl Replicator {
                 let mut bad = None;
                 let frame = wire::encode_chunks_with(&layout, |i, out| {
                     let (hash, at) = &found[i];
-                    store.read_stored_into(&reader, hash, at, out).map_err(|e| {
+                    reader.read_stored_into(hash, at, out).map_err(|e| {
                         tracing::error!("not serving chunk {hash}: {e}");
                         bad = Some(i);
                         wire::WireError::Malformed(e.to_string())
@@ -580,7 +584,7 @@ impl Replicator {
             applying: None,
             failed: None,
         };
-        let mut after = pipeline.applied;
+        let (mut after, mut saved) = (pipeline.applied, pipeline.applied);
         let result = loop {
             let applied = pipeline.applied;
             let (entries, last_sequence, more) = match self
@@ -620,32 +624,30 @@ impl Replicator {
             }
             let asked_after = after;
             after = last_sequence;
-            if pipeline.applied > applied {
+            // At the end of what there is, everything asked for is applied
+            // before asking once more (which acknowledges it, and brings
+            // what changed meanwhile).
+            if !more && let Err(e) = pipeline.finish().await {
+                break Err(e);
+            }
+            if pipeline.applied > saved {
                 self.save_progress(&store, &progress_key, pipeline.applied)?;
+                saved = pipeline.applied;
             }
             if pipeline.failed.is_some() {
                 break Err("some entries could not be applied yet".into());
             }
-            if !more {
-                // Caught up once everything asked for is applied and that
-                // was acknowledged; otherwise ask once more (it
-                // acknowledges, and brings what changed meanwhile).
-                if let Err(e) = pipeline.finish().await {
-                    break Err(e);
-                }
-                self.save_progress(&store, &progress_key, pipeline.applied)?;
-                if pipeline.failed.is_some() {
-                    break Err("some entries could not be applied yet".into());
-                }
-                if last_sequence == asked_after && pipeline.applied == applied {
-                    break Ok(());
-                }
+            // Caught up: nothing new, and all of it acknowledged.
+            if !more && last_sequence == asked_after && pipeline.applied == applied {
+                break Ok(());
             }
         };
         // Whatever happened, the group under way finishes before its pins
         // go, and what it applied counts.
         let finished = pipeline.finish().await;
-        self.save_progress(&store, &progress_key, pipeline.applied)?;
+        if pipeline.applied > saved {
+            self.save_progress(&store, &progress_key, pipeline.applied)?;
+        }
         result.and(finished)
     }
 
@@ -699,6 +701,12 @@ impl Replicator {
             groups.last_mut().expect("a group").push(entry);
         }
         groups.retain(|g| !g.is_empty());
+        if groups.is_empty() {
+            // Nothing to apply: the page counts once what is under way does.
+            pipeline.finish().await?;
+            pipeline.advance(last_sequence);
+            return Ok(());
+        }
         // Once a group and all before it are applied, progress reaches the
         // entry before the next group (refused entries included), or the
         // page's end.
@@ -708,12 +716,6 @@ impl Replicator {
             .map(|g| g[0].sequence.saturating_sub(1).min(last_sequence))
             .chain(std::iter::once(last_sequence))
             .collect();
-        if groups.is_empty() {
-            // Nothing to apply: the page counts once what is under way does.
-            pipeline.finish().await?;
-            pipeline.advance(last_sequence);
-            return Ok(());
-        }
         for (group, end) in groups.into_iter().zip(ends) {
             let plan_store = store.clone();
             let (group, missing) = tokio::task::spawn_blocking(move || {

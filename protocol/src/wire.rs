@@ -182,36 +182,26 @@ pub fn encode_chunks_with<E: From<WireError>>(
     chunks: &[(ChunkHash, usize)],
     mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
 ) -> Result<Vec<u8>, E> {
-    fn varint(mut value: usize, out: &mut Vec<u8>) {
-        while value >= 0x80 {
-            out.push(value as u8 | 0x80);
-            value >>= 7;
-        }
-        out.push(value as u8);
-    }
-    fn varint_len(value: usize) -> usize {
-        (usize::BITS - (value | 1).leading_zeros()).div_ceil(7) as usize
-    }
-    // The variant's tag: an empty list's encoding without its length (0).
-    let empty = postcard::to_stdvec(&Response::Chunks { chunks: Vec::new() })
-        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    use postcard::experimental::serialized_size;
+    let malformed = |e: postcard::Error| WireError::Malformed(e.to_string());
+    // Postcard writes a list as its length, then each item: here a chunk's
+    // hash and the length of its bytes, then the bytes themselves. The
+    // variant's tag is an empty list's encoding without its length (0).
+    let empty = postcard::to_stdvec(&Response::Chunks { chunks: Vec::new() }).map_err(malformed)?;
     let tag = &empty[..empty.len() - 1];
-    let len = tag.len()
-        + varint_len(chunks.len())
-        + chunks
-            .iter()
-            .map(|&(_, n)| 32 + varint_len(n) + n)
-            .sum::<usize>();
+    let mut len = tag.len() + serialized_size(&chunks.len()).map_err(malformed)?;
+    for &(hash, n) in chunks {
+        len += serialized_size(&(hash, n)).map_err(malformed)? + n;
+    }
     if len > WIRE_FRAME_BYTES_MAX {
         return Err(WireError::TooLarge(len, WIRE_FRAME_BYTES_MAX).into());
     }
     let mut frame = Vec::with_capacity(len + 4);
     frame.extend_from_slice(&(len as u32).to_le_bytes());
     frame.extend_from_slice(tag);
-    varint(chunks.len(), &mut frame);
+    frame = postcard::to_extend(&chunks.len(), frame).map_err(malformed)?;
     for (i, &(hash, n)) in chunks.iter().enumerate() {
-        frame.extend_from_slice(&hash.0);
-        varint(n, &mut frame);
+        frame = postcard::to_extend(&(hash, n), frame).map_err(malformed)?;
         let at = frame.len();
         frame.resize(at + n, 0);
         fill(i, &mut frame[at..])?;

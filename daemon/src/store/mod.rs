@@ -752,40 +752,6 @@ impl Store {
         Ok((out, more, covered))
     }
 
-    /// Where a chunk's stored form lies (for [`Store::read_stored_into`]),
-    /// if it is here.
-    pub fn stored_at(&self, reader: &ChunkReader, hash: &ChunkHash) -> Result<Option<StoredAt>> {
-        Ok(reader.info.get(hash.0)?.map(|info| {
-            let (pack, offset, stored, raw) = info.value();
-            StoredAt {
-                pack,
-                offset,
-                stored,
-                raw,
-            }
-        }))
-    }
-
-    /// Reads the stored form of chunk `hash` found `at` into `out` (of its
-    /// stored length) and verifies it: a corrupt chunk is never served.
-    pub fn read_stored_into(
-        &self,
-        reader: &ChunkReader,
-        hash: &ChunkHash,
-        at: &StoredAt,
-        out: &mut [u8],
-    ) -> Result<()> {
-        if out.len() != at.stored as usize {
-            return Err(StoreError::Record(format!(
-                "chunk {hash} is {} stored bytes, not {}",
-                at.stored,
-                out.len()
-            )));
-        }
-        read_packed_into(&reader.data, at.pack, at.offset, out)?;
-        verify_chunk(hash, at.raw, out)
-    }
-
     // ---- trusted peers ----------------------------------------------------
 
     pub fn peers(&self) -> Result<Vec<(String, PeerRecord)>> {
@@ -1195,18 +1161,44 @@ impl ChunkReader {
     }
 
     pub fn read(&self, hash: &ChunkHash, len: u32) -> Result<ChunkBytes> {
-        let (pack, offset, stored, _) = self
-            .info
-            .get(hash.0)?
-            .ok_or(StoreError::MissingChunk(*hash))?
-            .value();
-        let bytes = read_packed(&self.data, pack, offset, stored).map_err(|e| {
+        let at = self
+            .stored_at(hash)?
+            .ok_or(StoreError::MissingChunk(*hash))?;
+        let bytes = read_packed(&self.data, at.pack, at.offset, at.stored).map_err(|e| {
             StoreError::CorruptChunk {
                 hash: *hash,
                 reason: e.to_string(),
             }
         })?;
         decode_chunk_owned(hash, len, bytes)
+    }
+
+    /// Where a chunk's stored form lies (for [`ChunkReader::read_stored_into`]),
+    /// if it is here.
+    pub fn stored_at(&self, hash: &ChunkHash) -> Result<Option<StoredAt>> {
+        Ok(self.info.get(hash.0)?.map(|info| {
+            let (pack, offset, stored, raw) = info.value();
+            StoredAt {
+                pack,
+                offset,
+                stored,
+                raw,
+            }
+        }))
+    }
+
+    /// Reads the stored form of chunk `hash` found `at` into `out` (of its
+    /// stored length) and verifies it: a corrupt chunk is never served.
+    pub fn read_stored_into(&self, hash: &ChunkHash, at: &StoredAt, out: &mut [u8]) -> Result<()> {
+        if out.len() != at.stored as usize {
+            return Err(StoreError::Record(format!(
+                "chunk {hash} is {} stored bytes, not {}",
+                at.stored,
+                out.len()
+            )));
+        }
+        read_packed_into(&self.data, at.pack, at.offset, out)?;
+        verify_chunk(hash, at.raw, out)
     }
 }
 
