@@ -80,8 +80,12 @@ enum Command {
         workspace: String,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Return only once every connected peer sharing the workspace has them.
+        #[arg(long)]
+        wait: bool,
     },
-    /// Wait until every local change made before this call is scanned and stored.
+    /// Wait until every local change made before this call is scanned, stored
+    /// and acknowledged by every connected peer sharing the workspace.
     Flush { workspace: String },
     /// List conflict copies: the versions that lost a concurrent edit.
     Conflicts { workspace: String },
@@ -529,6 +533,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Touched {
             workspace,
             paths: files,
+            wait,
         } => {
             let files: Vec<PathBuf> = files
                 .into_iter()
@@ -536,7 +541,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .collect();
             (
                 method::WORKSPACE_TOUCHED,
-                json!({"workspace": workspace, "paths": files}),
+                json!({"workspace": workspace, "paths": files, "wait": wait}),
             )
         }
         Command::Share {

@@ -424,17 +424,7 @@ impl Daemon {
             method::FLUSH => {
                 let p: WorkspaceParams = parse_params(params)?;
                 self.job(&p.workspace, |reply| Job::Flush { reply }).await?;
-                // Then every connected peer sharing it must have it.
-                let shared = self.resolve(&p.workspace)?;
-                if let Some(replicator) = self.replicator.get() {
-                    let target = self
-                        .store
-                        .workspace(shared.number)
-                        .map_err(|e| store_rpc_error(&e))?
-                        .map(|r| r.next_sequence.saturating_sub(1))
-                        .unwrap_or(0);
-                    replicator.wait_acknowledged(shared.id, target).await?;
-                }
+                self.wait_peers(&p.workspace).await?;
                 Ok(json!({}))
             }
             method::WORKSPACE_RESCAN => {
@@ -464,11 +454,16 @@ impl Daemon {
                 })
                 .await
                 .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
-                self.job(&p.workspace, |reply| Job::Scan {
-                    scope: Scope::Paths(paths),
-                    reply: Some(reply),
-                })
-                .await
+                let scanned = self
+                    .job(&p.workspace, |reply| Job::Scan {
+                        scope: Scope::Paths(paths),
+                        reply: Some(reply),
+                    })
+                    .await?;
+                if p.wait {
+                    self.wait_peers(&p.workspace).await?;
+                }
+                Ok(scanned)
             }
             method::CHECKPOINT_CREATE => {
                 let p: CheckpointCreateParams = parse_params(params)?;
@@ -522,6 +517,22 @@ impl Daemon {
                 })
             }
         }
+    }
+
+    /// Waits until every connected peer sharing `workspace` has all of
+    /// what is indexed here now.
+    async fn wait_peers(&self, workspace: &str) -> Result<(), RpcError> {
+        let shared = self.resolve(workspace)?;
+        if let Some(replicator) = self.replicator.get() {
+            let target = self
+                .store
+                .workspace(shared.number)
+                .map_err(|e| store_rpc_error(&e))?
+                .map(|r| r.next_sequence.saturating_sub(1))
+                .unwrap_or(0);
+            replicator.wait_acknowledged(shared.id, target).await?;
+        }
+        Ok(())
     }
 
     async fn job(

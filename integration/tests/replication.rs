@@ -90,6 +90,44 @@ fn an_offline_device_catches_up() {
     wait_same("b to catch up", &root_a, &root_b);
 }
 
+/// `touched --wait` answers once connected peers have the saved files: no
+/// polling needed. Plain `touched` answers once the file is indexed here.
+#[test]
+fn touched_with_wait_answers_once_the_peer_has_the_file() {
+    let (dir_a, dir_b, a, b) = pair();
+    let root_a = dir_a.path().join("ws");
+    let root_b = dir_b.path().join("ws");
+    generate_tree(&root_a, 60, 30, 0, 0);
+    std::fs::create_dir_all(&root_b).unwrap();
+    let ws = a.add_workspace(&root_a, "w");
+    a.share_with(&b, &ws, "editor", &root_b);
+    wait_same("the initial sync", &root_a, &root_b);
+    for i in 0..5 {
+        let saved = root_a.join(format!("saved-{i}.txt"));
+        let content = format!("saved {i}\n").repeat(100 * (i + 1));
+        std::fs::write(&saved, &content).unwrap();
+        let answer = a.cli_json(&["touched", "--wait", "w", saved.to_str().unwrap()]);
+        assert_eq!(answer, json!({}));
+        assert_eq!(
+            std::fs::read_to_string(root_b.join(format!("saved-{i}.txt"))).ok(),
+            Some(content),
+            "B has saved-{i}.txt when touched --wait answers"
+        );
+    }
+    // Also through IPC, for an edit of an existing file.
+    let edited = list_files(&root_a)[3].clone();
+    std::fs::write(root_a.join(&edited), "edited\n").unwrap();
+    a.ok(
+        "workspace.touched",
+        json!({"workspace": ws, "paths": [root_a.join(&edited)], "wait": true}),
+    );
+    assert_eq!(
+        std::fs::read_to_string(root_b.join(&edited)).unwrap(),
+        "edited\n"
+    );
+    assert_same_state("B", &tree_state(&root_a), &tree_state(&root_b));
+}
+
 /// Concurrent edits of one file on two partitioned devices: after the
 /// partition heals both versions exist on both devices under the same
 /// names; an edit concurrent with a delete keeps the edit.

@@ -271,6 +271,10 @@ pub struct WorkspaceFilesParams {
 pub struct TouchedParams {
     pub workspace: String,
     pub paths: Vec<String>,
+    /// Answer only once every connected peer sharing the workspace has
+    /// these changes (as `flush` does for all of them).
+    #[serde(default)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -137,23 +137,40 @@ fn main() -> anyhow::Result<()> {
     let target_b = root_b.join(small);
     let mut watcher = Vec::new();
     let mut hinted = Vec::new();
-    for i in 0..edits * 2 {
+    let mut waited = Vec::new();
+    for i in 0..edits * 3 {
         let mut content = std::fs::read(&target_a)?;
         content.extend_from_slice(format!("// edit {i}\n").as_bytes());
         let started = Instant::now();
         std::fs::write(&target_a, &content)?;
-        let hint = i % 2 == 1;
-        if hint {
-            a.ok(
-                "workspace.touched",
-                json!({"workspace": ws, "paths": [target_a]}),
-            );
+        match i % 3 {
+            0 => {}
+            1 => {
+                a.ok(
+                    "workspace.touched",
+                    json!({"workspace": ws, "paths": [target_a]}),
+                );
+            }
+            _ => {
+                // The answer comes once B has it: nothing to poll.
+                a.ok(
+                    "workspace.touched",
+                    json!({"workspace": ws, "paths": [target_a], "wait": true}),
+                );
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                assert!(
+                    std::fs::read(&target_b)? == content,
+                    "B lacks the edit when touched with wait answered"
+                );
+                waited.push(ms);
+                continue;
+            }
         }
         wait_until(Duration::from_secs(30), "B to have the edit", || {
             (std::fs::read(&target_b).ok().as_deref() == Some(content.as_slice())).then_some(())
         });
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        if hint {
+        if i % 3 == 1 {
             hinted.push(ms)
         } else {
             watcher.push(ms)
@@ -168,6 +185,7 @@ fn main() -> anyhow::Result<()> {
         "catch_up_s": catch_up.as_secs_f64(),
         "save_to_peer_watcher_ms": measure::percentiles(&watcher),
         "save_to_peer_touched_ms": measure::percentiles(&hinted),
+        "save_to_peer_touched_wait_ms": measure::percentiles(&waited),
         "peak_rss_mib": {"sender": measure::rss_mib(a.pid()).1, "receiver": measure::rss_mib(b.pid()).1},
         "receiver_disk_bytes_per_workspace_byte": (measure::du(&dir_b.join("home/mariesync.redb"), false) + measure::du(&root_b, false)) as f64 / bytes as f64,
     });
