@@ -263,20 +263,26 @@ fn write_file(
         options.mode(if entry.executable { 0o755 } else { 0o644 });
     }
     let mut file = options.open(temp).map_err(io)?;
-    // Each chunk is verified on read; the whole must match the content
-    // hash too (a peer could pair valid chunks with a wrong hash).
+    let store_error = |source| WriteError::Store {
+        path: entry.path.to_string(),
+        source,
+    };
+    // The whole must match the content hash (a peer could pair valid
+    // chunks with a wrong one), which covers every chunk's bytes: they are
+    // hashed once, here, and each checked against its own hash only to
+    // name the one at fault.
     let mut hasher = blake3::Hasher::new();
     for chunk in &entry.chunks {
         let data = reader
-            .read(&chunk.hash, chunk.len)
-            .map_err(|source| WriteError::Store {
-                path: entry.path.to_string(),
-                source,
-            })?;
+            .read_unhashed(&chunk.hash, chunk.len)
+            .map_err(store_error)?;
         hasher.update(&data);
         file.write_all(&data).map_err(io)?;
     }
     if mariesync_protocol::ChunkHash::from(hasher.finalize()) != entry.content_hash {
+        for chunk in &entry.chunks {
+            reader.read(&chunk.hash, chunk.len).map_err(store_error)?;
+        }
         return Err(WriteError::Io {
             path: entry.path.to_string(),
             source: std::io::Error::other("content does not match its hash"),

@@ -184,8 +184,42 @@ pub fn decode_chunk_owned(hash: &ChunkHash, len: u32, stored: Vec<u8>) -> Result
     })
 }
 
+/// [`decode_chunk_owned`] checking the length only, for a caller that
+/// hashes what it reads as a whole (a file, against its content hash) and
+/// so would hash every byte twice.
+pub fn decode_chunk_owned_unhashed(
+    hash: &ChunkHash,
+    len: u32,
+    stored: Vec<u8>,
+) -> Result<ChunkBytes> {
+    if stored.first() == Some(&CODEC_RAW) {
+        if stored.len() - 1 != len as usize {
+            return Err(StoreError::CorruptChunk {
+                hash: *hash,
+                reason: format!("length {} instead of {len}", stored.len() - 1),
+            });
+        }
+        return Ok(ChunkBytes {
+            bytes: stored,
+            start: 1,
+        });
+    }
+    Ok(ChunkBytes {
+        bytes: decode(hash, len, &stored)?,
+        start: 0,
+    })
+}
+
 /// Decodes a stored chunk and checks it against its id and expected length.
 pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
+    let raw = decode(hash, len, stored)?;
+    check_raw(hash, len, &raw)?;
+    Ok(raw)
+}
+
+/// Decodes a stored chunk, its length checked (and bounded by `len`), its
+/// hash not.
+fn decode(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
     let corrupt = |reason: String| StoreError::CorruptChunk {
         hash: *hash,
         reason,
@@ -211,7 +245,9 @@ pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>
         })?,
         other => return Err(corrupt(format!("unknown codec {other}"))),
     };
-    check_raw(hash, len, &raw)?;
+    if raw.len() != len as usize {
+        return Err(corrupt(format!("length {} instead of {len}", raw.len())));
+    }
     Ok(raw)
 }
 
@@ -265,6 +301,13 @@ mod tests {
             flipped[middle] ^= 1;
             assert!(decode_chunk(&hash, data.len() as u32, &flipped).is_err());
             assert!(decode_chunk(&hash, data.len() as u32, &encoded.stored[..middle]).is_err());
+            // Unhashed: the same bytes, a length that differs refused.
+            let len = data.len() as u32;
+            let unhashed = decode_chunk_owned_unhashed(&hash, len, encoded.stored.clone());
+            assert_eq!(&*unhashed.unwrap(), &data[..]);
+            let short = encoded.stored[..middle].to_vec();
+            assert!(decode_chunk_owned_unhashed(&hash, len, short).is_err());
+            assert!(decode_chunk_owned_unhashed(&hash, len + 1, encoded.stored.clone()).is_err());
         }
     }
 

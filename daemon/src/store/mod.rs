@@ -23,7 +23,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 pub use chunks::{
     CONTENT_CHUNKS, ChunkBytes, ChunkParams, EncodedChunk, MANIFEST_CHUNKS, chunk_boundaries,
-    decode_chunk, decode_chunk_owned, encode_chunk, encode_chunk_with, verify_chunk,
+    decode_chunk, decode_chunk_owned, decode_chunk_owned_unhashed, encode_chunk, encode_chunk_with,
+    verify_chunk,
 };
 pub use records::{
     CheckpointRecord, IndexedFile, ManifestEntry, PeerRecord, StatCache, WorkspaceRecord,
@@ -1160,17 +1161,29 @@ impl ChunkReader {
         Ok(self.info.get(hash.0)?.is_some())
     }
 
+    /// Chunk `hash`'s bytes, verified against it.
     pub fn read(&self, hash: &ChunkHash, len: u32) -> Result<ChunkBytes> {
+        decode_chunk_owned(hash, len, self.read_record(hash)?)
+    }
+
+    /// Chunk `hash`'s bytes, their length checked but not their hash: for
+    /// a caller that hashes the whole it reads (a file against its content
+    /// hash), and reads again with [`ChunkReader::read`] to name the chunk
+    /// at fault when that fails.
+    pub fn read_unhashed(&self, hash: &ChunkHash, len: u32) -> Result<ChunkBytes> {
+        decode_chunk_owned_unhashed(hash, len, self.read_record(hash)?)
+    }
+
+    fn read_record(&self, hash: &ChunkHash) -> Result<Vec<u8>> {
         let at = self
             .stored_at(hash)?
             .ok_or(StoreError::MissingChunk(*hash))?;
-        let bytes = read_packed(&self.data, at.pack, at.offset, at.stored).map_err(|e| {
+        read_packed(&self.data, at.pack, at.offset, at.stored).map_err(|e| {
             StoreError::CorruptChunk {
                 hash: *hash,
                 reason: e.to_string(),
             }
-        })?;
-        decode_chunk_owned(hash, len, bytes)
+        })
     }
 
     /// Where a chunk's stored form lies (for [`ChunkReader::read_stored_into`]),
