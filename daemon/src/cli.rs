@@ -805,7 +805,17 @@ fn print_human(name: &str, result: &Value) {
                         state = format!("{state} ({reason})");
                     }
                     if let Some(p) = w.get("progress") {
-                        state = format!("{state} {}/{} files", p["files_done"], p["files_total"]);
+                        state = match p.get("changes_total") {
+                            Some(total) => format!(
+                                "{state} {}/{} changes, {} received",
+                                p["changes_done"],
+                                total,
+                                human_bytes(p["bytes_received"].as_u64().unwrap_or(0))
+                            ),
+                            None => {
+                                format!("{state} {}/{} files", p["files_done"], p["files_total"])
+                            }
+                        };
                     }
                     let _ = writeln!(
                         out,

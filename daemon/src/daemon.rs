@@ -1195,11 +1195,18 @@ impl Daemon {
                     totals
                 }
             };
-            let state = match &status.activity {
-                Activity::Idle => "idle",
-                Activity::Scanning => "scanning",
-                Activity::Restoring => "restoring",
-                Activity::Paused(_) => "paused",
+            // Bringing a peer's changes shows over a scan (the files it
+            // writes are scanned as they land).
+            let syncing = self
+                .replicator
+                .get()
+                .and_then(|r| r.sync_progress(shared.id));
+            let state = match (&status.activity, &syncing) {
+                (Activity::Paused(_), _) => "paused",
+                (Activity::Restoring, _) => "restoring",
+                (_, Some(_)) => "syncing",
+                (Activity::Scanning, None) => "scanning",
+                (Activity::Idle, None) => "idle",
             };
             let mut v = json!({
                 "workspace_id": shared.id.to_string(),
@@ -1230,7 +1237,14 @@ impl Daemon {
                 v["local_changes"] = totals.local_changes.into();
             }
             if detailed {
-                if status.activity == Activity::Scanning {
+                if let (Some(p), "syncing") = (&syncing, state) {
+                    v["progress"] = json!({
+                        "changes_done": p.changes_done,
+                        "changes_total": p.changes_total,
+                        "bytes_received": p.bytes_received,
+                        "peers": p.peers,
+                    });
+                } else if status.activity == Activity::Scanning {
                     use std::sync::atomic::Ordering::Relaxed;
                     let p = &shared.progress;
                     v["progress"] = json!({

@@ -108,6 +108,31 @@ impl Pipeline {
     }
 }
 
+/// How far one pull that brought something is (for `status`).
+#[derive(Clone, Copy, Debug, Default)]
+struct PullProgress {
+    /// The peer's sequence applied here when the pull began.
+    base: u64,
+    /// Applied here now.
+    applied: u64,
+    /// The peer's last sequence, as its last answer said.
+    head: u64,
+    /// Stored bytes this pull fetched.
+    bytes: u64,
+}
+
+/// A workspace's syncs under way, summed over the peers it pulls from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// Of the changes in the peers' indexes to bring here (sequence
+    /// numbers: a change superseded meanwhile counts once), how many are
+    /// applied.
+    pub changes_done: u64,
+    pub changes_total: u64,
+    pub bytes_received: u64,
+    pub peers: Vec<String>,
+}
+
 pub struct Replicator {
     /// Weak: the daemon owns the replicator; a strong reference back would
     /// keep the store open forever (and redb unclosed at exit).
@@ -125,6 +150,8 @@ pub struct Replicator {
     released: Notify,
     /// Stored bytes fetched from each peer since the daemon started.
     fetched_from: Mutex<HashMap<PeerId, u64>>,
+    /// Pulls that are bringing something, and how far they are.
+    progress: Mutex<HashMap<(WorkspaceId, PeerId), PullProgress>>,
     /// `Changed` requests in flight, and the newest sequence to send when
     /// each returns (see [`Replicator::tell_changed`]).
     telling: Mutex<HashMap<(PeerId, WorkspaceId), Option<u64>>>,
@@ -166,6 +193,7 @@ impl Replicator {
             claimed: Mutex::new(HashSet::new()),
             released: Notify::new(),
             fetched_from: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
         })
     }
 
@@ -338,12 +366,13 @@ impl Replicator {
                 })
                 .await;
                 match read {
-                    Ok(Ok((entries, more, last_sequence))) => {
-                        tracing::debug!(%peer, %workspace, number, after, applied, last_sequence, entries = entries.len(), "serving index entries");
+                    Ok(Ok(changes)) => {
+                        tracing::debug!(%peer, %workspace, number, after, applied, covered = changes.covered, head = changes.head, entries = changes.entries.len(), "serving index entries");
                         Response::Index {
-                            entries,
-                            last_sequence,
-                            more,
+                            entries: changes.entries,
+                            last_sequence: changes.covered,
+                            more: changes.more,
+                            head: changes.head,
                         }
                     }
                     Ok(Err(e)) => Response::Error {
@@ -572,6 +601,15 @@ impl Replicator {
     /// the worker still applies the last one; each request acknowledges
     /// what is applied so far, never more.
     async fn pull_once(&self, workspace: WorkspaceId, peer: PeerId) -> Result<(), String> {
+        let result = self.pull_pages(workspace, peer).await;
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(workspace, peer));
+        result
+    }
+
+    async fn pull_pages(&self, workspace: WorkspaceId, peer: PeerId) -> Result<(), String> {
         let progress_key = format!("progress/{workspace}/{peer}");
         tracing::debug!(%peer, %workspace, "pulling");
         let store = self.daemon()?.store.clone();
@@ -587,7 +625,7 @@ impl Replicator {
         let (mut after, mut saved) = (pipeline.applied, pipeline.applied);
         let result = loop {
             let applied = pipeline.applied;
-            let (entries, last_sequence, more) = match self
+            let (entries, last_sequence, more, head) = match self
                 .network
                 .request(
                     peer,
@@ -603,7 +641,8 @@ impl Replicator {
                     entries,
                     last_sequence,
                     more,
-                }) => (entries, last_sequence, more),
+                    head,
+                }) => (entries, last_sequence, more, head),
                 Ok(Response::Error { message }) => break Err(message),
                 Ok(other) => break Err(format!("unexpected answer {other:?}")),
                 Err(e) => break Err(e),
@@ -612,8 +651,18 @@ impl Replicator {
             if entries.len() > INDEX_ENTRIES_MAX
                 || last_sequence < after
                 || (more && last_sequence == after)
+                || head < last_sequence
             {
                 break Err("a peer sent a malformed index page".into());
+            }
+            if !entries.is_empty() {
+                let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+                let p = progress.entry((workspace, peer)).or_insert(PullProgress {
+                    base: applied,
+                    applied,
+                    ..PullProgress::default()
+                });
+                p.head = p.head.max(head);
             }
             if !entries.is_empty()
                 && let Err(e) = self
@@ -633,6 +682,14 @@ impl Replicator {
             if pipeline.applied > saved {
                 self.save_progress(&store, &progress_key, pipeline.applied)?;
                 saved = pipeline.applied;
+                if let Some(p) = self
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&(workspace, peer))
+                {
+                    p.applied = p.applied.max(saved);
+                }
             }
             if pipeline.failed.is_some() {
                 break Err("some entries could not be applied yet".into());
@@ -878,6 +935,27 @@ impl Replicator {
         }
     }
 
+    /// The syncs of `workspace` under way, if any pull is bringing
+    /// something.
+    pub fn sync_progress(&self, workspace: WorkspaceId) -> Option<SyncProgress> {
+        let progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sum: Option<SyncProgress> = None;
+        for ((ws, peer), p) in progress.iter() {
+            if *ws != workspace || p.head <= p.base {
+                continue;
+            }
+            let sum = sum.get_or_insert_with(SyncProgress::default);
+            sum.changes_done += p.applied.min(p.head) - p.base;
+            sum.changes_total += p.head - p.base;
+            sum.bytes_received += p.bytes;
+            sum.peers.push(peer.to_string());
+        }
+        if let Some(sum) = &mut sum {
+            sum.peers.sort();
+        }
+        sum
+    }
+
     /// Stored bytes fetched from `peer` since the daemon started.
     pub fn fetched_from(&self, peer: &PeerId) -> u64 {
         self.fetched_from
@@ -954,6 +1032,14 @@ impl Replicator {
             .unwrap_or_else(|e| e.into_inner())
             .entry(peer)
             .or_insert(0) += bytes;
+        if let Some(p) = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&(workspace, peer))
+        {
+            p.bytes += bytes;
+        }
         Ok(got)
     }
 

@@ -30,7 +30,42 @@ fn two_devices_converge_through_edits_on_both_sides() {
     let ws = a.add_workspace(&root_a, "w");
     a.flush(&ws);
     a.share_with(&b, &ws, "editor", &root_b);
-    wait_same("the initial sync", &root_a, &root_b);
+    // B says it is syncing, and how far along, until it is done.
+    let mut seen = Vec::new();
+    wait_until(Duration::from_secs(60), "the initial sync", || {
+        let status = b.ok("status", json!({}));
+        let w = &status["workspaces"][0];
+        if w["state"] == "syncing" {
+            seen.push(w["progress"].clone());
+        }
+        (tree_state(&root_a) == tree_state(&root_b)).then_some(())
+    });
+    assert!(!seen.is_empty(), "B never said it was syncing");
+    let a_id = a.device_id();
+    for pair in seen.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        assert!(
+            after["changes_done"].as_u64() >= before["changes_done"].as_u64(),
+            "{seen:?}"
+        );
+        assert!(
+            after["bytes_received"].as_u64() >= before["bytes_received"].as_u64(),
+            "{seen:?}"
+        );
+    }
+    for p in &seen {
+        assert!(
+            p["changes_done"].as_u64() <= p["changes_total"].as_u64(),
+            "{p}"
+        );
+        assert!(p["changes_total"].as_u64() > Some(0), "{p}");
+        assert_eq!(p["peers"], json!([a_id]), "{p}");
+    }
+    wait_until(Duration::from_secs(30), "B to be idle", || {
+        let status = b.ok("status", json!({}));
+        let w = &status["workspaces"][0];
+        (w["state"] == "idle" && w.get("progress").is_none()).then_some(())
+    });
     // Files land before the entries that record them commit: the index
     // follows within the same apply.
     wait_until(Duration::from_secs(30), "the indexes to agree", || {

@@ -16,7 +16,8 @@ pub const JOIN_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Version of the messages below; a peer with another answers with an error.
 /// 2: `IndexAfter` (asking for entries and acknowledging are separate, so a
 /// receiver asks for the next page while it still applies the last).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Index::head` (a receiver shows how far along its sync is).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// No frame from a peer may be larger (before any decompression).
 pub const WIRE_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 
@@ -79,11 +80,14 @@ pub enum Response {
         protocol_version: u32,
         device_name: String,
     },
-    /// `last_sequence`: the sequence of the last entry sent (or `after`).
+    /// `last_sequence`: the sequence of the last entry sent (or `after`);
+    /// `head`: the last sequence the sender serves now (what the receiver
+    /// is syncing towards).
     Index {
         entries: Vec<FileEntry>,
         last_sequence: u64,
         more: bool,
+        head: u64,
     },
     /// The chunks found, stored form; missing ones are left out.
     Chunks {

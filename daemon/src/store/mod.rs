@@ -712,15 +712,8 @@ impl Store {
     }
 
     /// Durable index entries (tombstones too) changed after `since`, in
-    /// sequence order, at most `limit`; whether more follow; and the
-    /// sequence the answer covers up to (past gaps left by forgotten
-    /// entries, so a reader can acknowledge everything).
-    pub fn changes_since(
-        &self,
-        workspace: u32,
-        since: u64,
-        limit: usize,
-    ) -> Result<(Vec<FileEntry>, bool, u64)> {
+    /// sequence order, at most `limit`.
+    pub fn changes_since(&self, workspace: u32, since: u64, limit: usize) -> Result<ChangesSince> {
         // Read the mark first: what it covers is committed before the read.
         let mark = self
             .marks
@@ -746,11 +739,17 @@ impl Store {
                 out.push(file.entry);
             }
         }
+        let head = mark.saturating_sub(1).max(since);
         let covered = match (more, out.last()) {
             (true, Some(last)) => last.sequence,
-            _ => mark.saturating_sub(1).max(since),
+            _ => head,
         };
-        Ok((out, more, covered))
+        Ok(ChangesSince {
+            entries: out,
+            more,
+            covered,
+            head,
+        })
     }
 
     // ---- trusted peers ----------------------------------------------------
@@ -1151,6 +1150,19 @@ fn decode_range<K: redb::Key + 'static>(
     Ok(())
 }
 
+/// An answer of [`Store::changes_since`].
+#[derive(Debug)]
+pub struct ChangesSince {
+    pub entries: Vec<FileEntry>,
+    /// Whether more entries follow.
+    pub more: bool,
+    /// The sequence the answer covers up to (past gaps left by forgotten
+    /// entries, so a reader can acknowledge everything).
+    pub covered: u64,
+    /// The last durable sequence: where the answers end.
+    pub head: u64,
+}
+
 pub struct ChunkReader {
     info: redb::ReadOnlyTable<[u8; 32], (u64, u32, u32, u32)>,
     data: redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
@@ -1409,16 +1421,24 @@ mod change_feed_tests {
         };
         store.commit_batch(ws, &batch, 3, false).unwrap();
         // Not durable yet: not served.
-        assert_eq!(store.changes_since(ws, 0, 10).unwrap().0.len(), 0);
+        assert_eq!(store.changes_since(ws, 0, 10).unwrap().entries.len(), 0);
         store.commit_batch(ws, &Batch::default(), 3, true).unwrap();
-        let (entries, more, covered) = store.changes_since(ws, 0, 10).unwrap();
-        assert_eq!((entries.len(), more, covered), (2, false, 2));
+        let c = store.changes_since(ws, 0, 10).unwrap();
+        assert_eq!(
+            (c.entries.len(), c.more, c.covered, c.head),
+            (2, false, 2, 2)
+        );
+        let c = store.changes_since(ws, 0, 1).unwrap();
+        assert_eq!(
+            (c.entries.len(), c.more, c.covered, c.head),
+            (1, true, 1, 2)
+        );
         let batch = Batch {
             upserts: vec![entry("c", 3)],
             ..Default::default()
         };
         store.commit_batch(ws, &batch, 4, true).unwrap();
-        let (entries, _, covered) = store.changes_since(ws, 2, 10).unwrap();
-        assert_eq!((entries.len(), covered), (1, 3));
+        let c = store.changes_since(ws, 2, 10).unwrap();
+        assert_eq!((c.entries.len(), c.covered, c.head), (1, 3, 3));
     }
 }

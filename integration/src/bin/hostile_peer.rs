@@ -131,6 +131,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
                 entries: vec![entry("aa/escape.txt", 100, honest_hash, me)],
                 last_sequence: 1,
                 more: false,
+                head: 1,
             };
             let mut bytes = wire::encode(&index).expect("encodable");
             let at = bytes
@@ -144,6 +145,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
             entries: vec![entry("bomb.bin", 1000, bomb_hash, me)],
             last_sequence: 1,
             more: false,
+            head: 1,
         }),
         (Attack::DecompressionBomb, Request::Chunks { .. }) => {
             let mut stored = vec![1u8]; // zstd
@@ -156,6 +158,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
             entries: vec![entry("wrong.bin", 100, honest_hash, me)],
             last_sequence: 1,
             more: false,
+            head: 1,
         }),
         (Attack::WrongHash, Request::Chunks { .. }) => {
             let mut stored = vec![0u8]; // raw
@@ -168,6 +171,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
             entries: Vec::new(),
             last_sequence: *after,
             more: false,
+            head: *after,
         }),
         _ => frame(&Response::Ack),
     }
