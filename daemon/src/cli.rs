@@ -974,7 +974,9 @@ fn print_human(name: &str, result: &Value) {
     };
 }
 
-/// Shows the initial scan of a new workspace as a progress bar (a TTY only).
+/// Shows the initial scan of a new workspace as a progress bar (a TTY
+/// only), then the sync from its peers if one follows at once (an offer
+/// accepted).
 fn show_scan_progress(client: &mut Client, workspace_id: &str) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -985,6 +987,7 @@ fn show_scan_progress(client: &mut Client, workspace_id: &str) {
         .progress_chars("=> "),
     );
     bar.set_message("scanning");
+    let mut syncing = false;
     while let Ok(status) = client.call(method::STATUS, json!({})) {
         let Some(w) = status["workspaces"]
             .as_array()
@@ -993,13 +996,35 @@ fn show_scan_progress(client: &mut Client, workspace_id: &str) {
         else {
             break;
         };
-        if w["state"] != "scanning" {
-            bar.finish_with_message(format!("indexed {} files", w["files"]));
-            break;
-        }
-        if let Some(p) = w.get("progress") {
-            bar.set_length(p["bytes_total"].as_u64().unwrap_or(0));
-            bar.set_position(p["bytes_done"].as_u64().unwrap_or(0));
+        match w["state"].as_str() {
+            Some("scanning") => {
+                if let Some(p) = w.get("progress") {
+                    bar.set_length(p["bytes_total"].as_u64().unwrap_or(0));
+                    bar.set_position(p["bytes_done"].as_u64().unwrap_or(0));
+                }
+            }
+            Some("syncing") => {
+                if !syncing {
+                    syncing = true;
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} [{bar:24}] {pos}/{len} changes",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                }
+                if let Some(p) = w.get("progress") {
+                    bar.set_length(p["changes_total"].as_u64().unwrap_or(0));
+                    bar.set_position(p["changes_done"].as_u64().unwrap_or(0));
+                    let received = human_bytes(p["bytes_received"].as_u64().unwrap_or(0));
+                    bar.set_message(format!("syncing ({received} received)"));
+                }
+            }
+            _ => {
+                bar.finish_with_message(format!("{} files", w["files"]));
+                break;
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
