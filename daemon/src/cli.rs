@@ -978,14 +978,15 @@ fn print_human(name: &str, result: &Value) {
 /// only), then the sync from its peers if one follows at once (an offer
 /// accepted).
 fn show_scan_progress(client: &mut Client, workspace_id: &str) {
+    let style = |template: &str| {
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ")
+    };
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    bar.set_style(style(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ));
     bar.set_message("scanning");
     let mut syncing = false;
     while let Ok(status) = client.call(method::STATUS, json!({})) {
@@ -1006,13 +1007,7 @@ fn show_scan_progress(client: &mut Client, workspace_id: &str) {
             Some("syncing") => {
                 if !syncing {
                     syncing = true;
-                    bar.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{msg} [{bar:24}] {pos}/{len} changes",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                    );
+                    bar.set_style(style("{msg} [{bar:24}] {pos}/{len} changes"));
                 }
                 if let Some(p) = w.get("progress") {
                     bar.set_length(p["changes_total"].as_u64().unwrap_or(0));

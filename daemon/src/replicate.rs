@@ -682,14 +682,7 @@ impl Replicator {
             if pipeline.applied > saved {
                 self.save_progress(&store, &progress_key, pipeline.applied)?;
                 saved = pipeline.applied;
-                if let Some(p) = self
-                    .progress
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(&(workspace, peer))
-                {
-                    p.applied = p.applied.max(saved);
-                }
+                self.update_progress(workspace, peer, |p| p.applied = p.applied.max(saved));
             }
             if pipeline.failed.is_some() {
                 break Err("some entries could not be applied yet".into());
@@ -935,6 +928,20 @@ impl Replicator {
         }
     }
 
+    /// Updates the progress of the pull of `workspace` from `peer`, if it
+    /// is bringing something.
+    fn update_progress(
+        &self,
+        workspace: WorkspaceId,
+        peer: PeerId,
+        update: impl FnOnce(&mut PullProgress),
+    ) {
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = progress.get_mut(&(workspace, peer)) {
+            update(p);
+        }
+    }
+
     /// The syncs of `workspace` under way, if any pull is bringing
     /// something.
     pub fn sync_progress(&self, workspace: WorkspaceId) -> Option<SyncProgress> {
@@ -1032,14 +1039,7 @@ impl Replicator {
             .unwrap_or_else(|e| e.into_inner())
             .entry(peer)
             .or_insert(0) += bytes;
-        if let Some(p) = self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&(workspace, peer))
-        {
-            p.bytes += bytes;
-        }
+        self.update_progress(workspace, peer, |p| p.bytes += bytes);
         Ok(got)
     }
 

@@ -139,15 +139,26 @@ pub fn verify_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<()> {
 
 /// Whether `raw` is the chunk `hash` of `len` bytes.
 fn check_raw(hash: &ChunkHash, len: u32, raw: &[u8]) -> Result<()> {
-    let corrupt = |reason: String| StoreError::CorruptChunk {
-        hash: *hash,
-        reason,
-    };
-    if raw.len() != len as usize {
-        return Err(corrupt(format!("length {} instead of {len}", raw.len())));
+    check_len(hash, len, raw.len())?;
+    check_hash(hash, raw)
+}
+
+fn check_len(hash: &ChunkHash, len: u32, actual: usize) -> Result<()> {
+    if actual != len as usize {
+        return Err(StoreError::CorruptChunk {
+            hash: *hash,
+            reason: format!("length {actual} instead of {len}"),
+        });
     }
+    Ok(())
+}
+
+fn check_hash(hash: &ChunkHash, raw: &[u8]) -> Result<()> {
     if ChunkHash::of(raw) != *hash {
-        return Err(corrupt("content does not match its hash".into()));
+        return Err(StoreError::CorruptChunk {
+            hash: *hash,
+            reason: "content does not match its hash".into(),
+        });
     }
     Ok(())
 }
@@ -171,17 +182,9 @@ impl std::ops::Deref for ChunkBytes {
 /// [`decode_chunk`] of a record the caller owns: a raw one is verified and
 /// handed back without copying it.
 pub fn decode_chunk_owned(hash: &ChunkHash, len: u32, stored: Vec<u8>) -> Result<ChunkBytes> {
-    if stored.first() == Some(&CODEC_RAW) {
-        verify_chunk(hash, len, &stored)?;
-        return Ok(ChunkBytes {
-            bytes: stored,
-            start: 1,
-        });
-    }
-    Ok(ChunkBytes {
-        bytes: decode_chunk(hash, len, &stored)?,
-        start: 0,
-    })
+    let bytes = decode_chunk_owned_unhashed(hash, len, stored)?;
+    check_hash(hash, &bytes)?;
+    Ok(bytes)
 }
 
 /// [`decode_chunk_owned`] checking the length only, for a caller that
@@ -193,12 +196,7 @@ pub fn decode_chunk_owned_unhashed(
     stored: Vec<u8>,
 ) -> Result<ChunkBytes> {
     if stored.first() == Some(&CODEC_RAW) {
-        if stored.len() - 1 != len as usize {
-            return Err(StoreError::CorruptChunk {
-                hash: *hash,
-                reason: format!("length {} instead of {len}", stored.len() - 1),
-            });
-        }
+        check_len(hash, len, stored.len() - 1)?;
         return Ok(ChunkBytes {
             bytes: stored,
             start: 1,
@@ -213,7 +211,7 @@ pub fn decode_chunk_owned_unhashed(
 /// Decodes a stored chunk and checks it against its id and expected length.
 pub fn decode_chunk(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
     let raw = decode(hash, len, stored)?;
-    check_raw(hash, len, &raw)?;
+    check_hash(hash, &raw)?;
     Ok(raw)
 }
 
@@ -245,9 +243,7 @@ fn decode(hash: &ChunkHash, len: u32, stored: &[u8]) -> Result<Vec<u8>> {
         })?,
         other => return Err(corrupt(format!("unknown codec {other}"))),
     };
-    if raw.len() != len as usize {
-        return Err(corrupt(format!("length {} instead of {len}", raw.len())));
-    }
+    check_len(hash, len, raw.len())?;
     Ok(raw)
 }
 
