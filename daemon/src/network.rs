@@ -302,7 +302,15 @@ pub fn start(
                 ),
             })
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .with_swarm_config(|c| {
+            // Every stream we open proposes one protocol, which a trusted
+            // peer speaks: its first message goes out with the proposal
+            // instead of a round trip later (multistream-select's lazy
+            // mode). A refused proposal fails the request as before, on
+            // its first read.
+            c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     for addr in &options.listen {
         swarm

@@ -27,7 +27,7 @@ use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
 use mariesync_protocol::membership::Role;
 use mariesync_protocol::wire::{
     self as wire, CHUNK_REQUEST_MAX, CHUNK_RESPONSE_BYTES_MAX, INDEX_ENTRIES_MAX, JoinRequest,
-    JoinResponse, Request, Response,
+    JoinResponse, PUSH_BYTES_MAX, PUSH_ENTRIES_MAX, Pushed, Request, Response,
 };
 use mariesync_protocol::{ChunkHash, FileEntry, WorkspaceId};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -138,8 +138,9 @@ pub struct Replicator {
     /// keep the store open forever (and redb unclosed at exit).
     daemon: std::sync::Weak<Daemon>,
     network: Network,
-    /// Pulls under way, and whether another was asked for meanwhile.
-    running: Mutex<HashMap<(WorkspaceId, PeerId), bool>>,
+    /// Pulls under way: whether another round was asked for meanwhile,
+    /// and the last page the peer pushed, for the pull to start from.
+    running: Mutex<HashMap<(WorkspaceId, PeerId), Running>>,
     /// What each peer acknowledged of each workspace (its last `applied`).
     acks: Mutex<HashMap<(WorkspaceId, PeerId), u64>>,
     acked: Notify,
@@ -156,6 +157,12 @@ pub struct Replicator {
     /// each returns (see [`Replicator::tell_changed`]).
     telling: Mutex<HashMap<(PeerId, WorkspaceId), Option<u64>>>,
     this: std::sync::Weak<Replicator>,
+}
+
+#[derive(Default)]
+struct Running {
+    again: bool,
+    pushed: Option<Box<Pushed>>,
 }
 
 /// Chunks claimed by one `Chunks` request, released when it ends however
@@ -317,12 +324,21 @@ impl Replicator {
                     }
                 }
             }
-            Request::Changed { workspace, .. } => {
-                tracing::debug!(%peer, %workspace, "peer announced changes");
+            Request::Changed {
+                workspace, pushed, ..
+            } => {
+                tracing::debug!(%peer, %workspace, pushed = pushed.is_some(), "peer announced changes");
                 match daemon.sharing.role(workspace, &peer.to_string()) {
                     Some(role) if role.can_write() => {
                         self.expect_acks(&daemon, workspace, peer);
-                        self.clone().pull(workspace, peer)
+                        let pushed = pushed.filter(|p| {
+                            let ok = p.within_limits();
+                            if !ok {
+                                tracing::warn!(%peer, %workspace, "ignoring a pushed change beyond the limits");
+                            }
+                            ok
+                        });
+                        self.clone().pull_with(workspace, peer, pushed)
                     }
                     Some(role) => {
                         // It still pulls from us.
@@ -555,6 +571,17 @@ impl Replicator {
     /// Starts pulling `workspace` from `peer`, or asks the running pull to
     /// go round once more. Only members that may write are pulled from.
     pub fn pull(self: Arc<Self>, workspace: WorkspaceId, peer: PeerId) {
+        self.pull_with(workspace, peer, None);
+    }
+
+    /// [`Replicator::pull`], starting from a page the peer pushed (used if
+    /// it follows what is applied here when the pull next asks for a page).
+    fn pull_with(
+        self: Arc<Self>,
+        workspace: WorkspaceId,
+        peer: PeerId,
+        pushed: Option<Box<Pushed>>,
+    ) {
         let Ok(daemon) = self.daemon() else { return };
         if daemon.workspace_number(workspace).is_none()
             || !daemon
@@ -566,11 +593,20 @@ impl Replicator {
         }
         {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(again) = running.get_mut(&(workspace, peer)) {
-                *again = true;
+            if let Some(run) = running.get_mut(&(workspace, peer)) {
+                run.again = true;
+                if pushed.is_some() {
+                    run.pushed = pushed;
+                }
                 return;
             }
-            running.insert((workspace, peer), false);
+            running.insert(
+                (workspace, peer),
+                Running {
+                    again: false,
+                    pushed,
+                },
+            );
         }
         tokio::spawn(async move {
             let mut retry = RETRY_FIRST;
@@ -586,8 +622,10 @@ impl Replicator {
                     }
                 }
                 let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-                if running.get(&(workspace, peer)) == Some(&true) {
-                    running.insert((workspace, peer), false);
+                if let Some(run) = running.get_mut(&(workspace, peer))
+                    && run.again
+                {
+                    run.again = false;
                     continue;
                 }
                 running.remove(&(workspace, peer));
@@ -625,29 +663,45 @@ impl Replicator {
         let (mut after, mut saved) = (pipeline.applied, pipeline.applied);
         let result = loop {
             let applied = pipeline.applied;
-            let (entries, last_sequence, more, head) = match self
-                .network
-                .request(
-                    peer,
-                    Request::IndexAfter {
-                        workspace,
-                        after,
-                        applied,
-                    },
-                )
-                .await
-            {
-                Ok(Response::Index {
-                    entries,
-                    last_sequence,
-                    more,
-                    head,
-                }) => (entries, last_sequence, more, head),
-                Ok(Response::Error { message }) => break Err(message),
-                Ok(other) => break Err(format!("unexpected answer {other:?}")),
-                Err(e) => break Err(e),
+            // A page pushed with the announcement is the one we would ask
+            // for, if it follows what is applied here.
+            let mut prefetched = HashMap::new();
+            let pushed = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&(workspace, peer))
+                .and_then(|run| run.pushed.take());
+            let (entries, last_sequence, more, head) = match pushed {
+                Some(page) if page.after == after => {
+                    let page = *page;
+                    prefetched.extend(page.chunks);
+                    (page.entries, page.last_sequence, false, page.head)
+                }
+                _ => match self
+                    .network
+                    .request(
+                        peer,
+                        Request::IndexAfter {
+                            workspace,
+                            after,
+                            applied,
+                        },
+                    )
+                    .await
+                {
+                    Ok(Response::Index {
+                        entries,
+                        last_sequence,
+                        more,
+                        head,
+                    }) => (entries, last_sequence, more, head),
+                    Ok(Response::Error { message }) => break Err(message),
+                    Ok(other) => break Err(format!("unexpected answer {other:?}")),
+                    Err(e) => break Err(e),
+                },
             };
-            tracing::debug!(%peer, %workspace, after, applied, last_sequence, more, entries = entries.len(), "index page");
+            tracing::debug!(%peer, %workspace, after, applied, last_sequence, more, entries = entries.len(), pushed = !prefetched.is_empty(), "index page");
             if entries.len() > INDEX_ENTRIES_MAX
                 || last_sequence < after
                 || (more && last_sequence == after)
@@ -666,7 +720,14 @@ impl Replicator {
             }
             if !entries.is_empty()
                 && let Err(e) = self
-                    .apply(workspace, peer, entries, last_sequence, &mut pipeline)
+                    .apply(
+                        workspace,
+                        peer,
+                        entries,
+                        last_sequence,
+                        &mut pipeline,
+                        prefetched,
+                    )
                     .await
             {
                 break Err(e);
@@ -718,7 +779,8 @@ impl Replicator {
     /// Fetches what one page's `entries` need and has the worker apply
     /// them, in groups whose new chunks fit in memory: while the worker
     /// applies one group (of this page or the last), the next one's chunks
-    /// are fetched. `last_sequence` is the page's.
+    /// are fetched. `last_sequence` is the page's; `prefetched`, chunks
+    /// the peer pushed with it (stored form, not yet checked).
     async fn apply(
         &self,
         workspace: WorkspaceId,
@@ -726,6 +788,7 @@ impl Replicator {
         entries: Vec<FileEntry>,
         last_sequence: u64,
         pipeline: &mut Pipeline,
+        mut prefetched: HashMap<ChunkHash, Vec<u8>>,
     ) -> Result<(), String> {
         // A viewer's changes are never accepted, whoever relays them.
         let daemon = self.daemon()?;
@@ -780,6 +843,13 @@ impl Replicator {
             // between leaves them stored, not fetched again.
             let pins = store.pin(missing.iter().map(|c| c.hash).collect());
             let started = std::time::Instant::now();
+            let pushed: Vec<(ChunkRef, Vec<u8>)> = missing
+                .iter()
+                .filter_map(|c| prefetched.remove(&c.hash).map(|bytes| (*c, bytes)))
+                .collect();
+            if !pushed.is_empty() {
+                self.store_pushed(peer, workspace, pushed, &store).await?;
+            }
             self.fetch(peer, workspace, &missing).await?;
             tracing::debug!(%peer, %workspace, entries = group.len(), chunks = missing.len(), ms = started.elapsed().as_millis() as u64, "fetched a group's chunks");
             // One group applies at a time, in order.
@@ -973,6 +1043,51 @@ impl Replicator {
             .unwrap_or(0)
     }
 
+    /// Chunks a peer pushed that we lack, verified and committed like
+    /// fetched ones (a bad one is an offence: the peer is cut off).
+    async fn store_pushed(
+        &self,
+        peer: PeerId,
+        workspace: WorkspaceId,
+        chunks: Vec<(ChunkRef, Vec<u8>)>,
+        store: &Arc<crate::store::Store>,
+    ) -> Result<(), String> {
+        let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
+        let store = store.clone();
+        let network = self.network.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let mut verified = Vec::with_capacity(chunks.len());
+            for (chunk, stored) in chunks {
+                if let Err(e) = crate::store::verify_chunk(&chunk.hash, chunk.len, &stored) {
+                    let reason = format!("the peer pushed a bad chunk: {e}");
+                    network.send(crate::network::Command::Disconnect {
+                        peer,
+                        reason: reason.clone(),
+                    });
+                    return Err(reason);
+                }
+                verified.push(EncodedChunk {
+                    hash: chunk.hash,
+                    raw_len: chunk.len,
+                    stored,
+                });
+            }
+            store
+                .commit_pushed_chunks(&verified)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        *self
+            .fetched_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_insert(0) += bytes;
+        self.update_progress(workspace, peer, |p| p.bytes += bytes);
+        Ok(())
+    }
+
     /// One `Chunks` request: what came back, verified and committed.
     async fn fetch_some(
         &self,
@@ -1063,12 +1178,14 @@ impl Replicator {
         tokio::spawn(async move {
             let mut sequence = sequence;
             loop {
+                let pushed = this.page_to_push(peer, workspace).await;
                 let _ = network
                     .request(
                         peer,
                         Request::Changed {
                             workspace,
                             sequence,
+                            pushed,
                         },
                     )
                     .await;
@@ -1082,6 +1199,81 @@ impl Replicator {
                 }
             }
         });
+    }
+
+    /// What `peer` would pull next of `workspace`, if it is little: the
+    /// entries after what it last acknowledged, all in one page, and the
+    /// chunks they name up to [`PUSH_BYTES_MAX`] (the receiver fetches
+    /// any it lacks beyond them).
+    async fn page_to_push(&self, peer: PeerId, workspace: WorkspaceId) -> Option<Box<Pushed>> {
+        let daemon = self.daemon().ok()?;
+        if !daemon
+            .sharing
+            .my_role(workspace)
+            .is_some_and(Role::can_write)
+            || daemon.sharing.role(workspace, &peer.to_string()).is_none()
+        {
+            return None;
+        }
+        let number = daemon.workspace_number(workspace)?;
+        let after = *self
+            .acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(workspace, peer))?;
+        let store = daemon.store.clone();
+        drop(daemon);
+        let page = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+            let changes = store.changes_since(number, after, PUSH_ENTRIES_MAX)?;
+            if changes.more || changes.entries.is_empty() {
+                return Ok(None);
+            }
+            let reader = store.reader()?;
+            let mut chunks: Vec<(ChunkHash, Vec<u8>)> = Vec::new();
+            let mut seen = HashSet::new();
+            let mut bytes = 0;
+            // The peer made some of these versions: it has their chunks.
+            let theirs = peer.to_string();
+            let wanted = changes
+                .entries
+                .iter()
+                .filter(|e| !e.deleted && e.modified_by != theirs);
+            'entries: for entry in wanted {
+                for chunk in &entry.chunks {
+                    if !seen.insert(chunk.hash) {
+                        continue;
+                    }
+                    let Some(at) = reader.stored_at(&chunk.hash)? else {
+                        continue;
+                    };
+                    if bytes + at.stored as usize > PUSH_BYTES_MAX
+                        || chunks.len() == CHUNK_REQUEST_MAX
+                    {
+                        break 'entries;
+                    }
+                    let mut stored = vec![0; at.stored as usize];
+                    reader.read_stored_into(&chunk.hash, &at, &mut stored)?;
+                    bytes += stored.len();
+                    chunks.push((chunk.hash, stored));
+                }
+            }
+            Ok(Some(Box::new(Pushed {
+                after,
+                entries: changes.entries,
+                last_sequence: changes.covered,
+                head: changes.head,
+                chunks,
+            })))
+        })
+        .await;
+        match page {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, %workspace, "not pushing a change: {e}");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Tells connected members that `workspace` changed.
@@ -1132,8 +1324,19 @@ impl Replicator {
             if behind.is_empty() {
                 return Ok(());
             }
-            for peer in &behind {
-                self.tell_changed(*peer, workspace, sequence);
+            // A peer being told already pulls once it hears (and the
+            // change that made it behind tells it again if need be): told
+            // again now, it would only go round once more.
+            let untold: Vec<PeerId> = {
+                let telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
+                behind
+                    .iter()
+                    .copied()
+                    .filter(|peer| !telling.contains_key(&(*peer, workspace)))
+                    .collect()
+            };
+            for peer in untold {
+                self.tell_changed(peer, workspace, sequence);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(RpcError::new(

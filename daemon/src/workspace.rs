@@ -387,9 +387,14 @@ impl Worker {
             match job {
                 Job::Stop => return,
                 Job::Changed(paths) => {
-                    let batch = self.gather(paths);
-                    if !self.is_paused() {
-                        let _ = self.scan_changed(batch);
+                    let (batch, hinted) = self.gather(paths);
+                    let result = if self.is_paused() {
+                        Err(self.paused_error())
+                    } else {
+                        self.scan_changed(batch)
+                    };
+                    for reply in hinted {
+                        let _ = reply.send(result.clone().map(|_| json!({})));
                     }
                 }
                 Job::WatcherTrouble(reason) => {
@@ -470,10 +475,16 @@ impl Worker {
         }
     }
 
-    /// Collects watcher events until they pause, into workspace paths.
-    fn gather(&mut self, first: Vec<PathBuf>) -> Option<BTreeSet<RelPath>> {
+    /// Collects watcher events until they pause, into workspace paths. The
+    /// IDE's hint (`touched`) ends the wait: its paths join the batch, and
+    /// the replies returned are answered once the batch is scanned (the
+    /// file it names is usually the one whose events these are; scanning
+    /// it twice would delay the answer).
+    fn gather(&mut self, first: Vec<PathBuf>) -> (Option<BTreeSet<RelPath>>, Vec<Reply>) {
         let started = Instant::now();
         let mut raw = first;
+        let mut hinted = Vec::new();
+        let mut hinted_paths = Vec::new();
         loop {
             let left = Duration::from_millis(DEBOUNCE_MAX_MS).saturating_sub(started.elapsed());
             if left.is_zero() {
@@ -484,6 +495,14 @@ impl Worker {
                 .recv_timeout(left.min(Duration::from_millis(DEBOUNCE_QUIET_MS)))
             {
                 Ok(Job::Changed(more)) => raw.extend(more),
+                Ok(Job::Scan {
+                    scope: Scope::Paths(paths),
+                    reply,
+                }) => {
+                    hinted_paths.extend(paths);
+                    hinted.extend(reply);
+                    break;
+                }
                 Ok(other) => {
                     self.queued.push_back(other);
                     break;
@@ -491,7 +510,11 @@ impl Worker {
                 Err(_) => break,
             }
         }
-        self.workspace_paths(raw)
+        let batch = self.workspace_paths(raw).map(|mut batch| {
+            batch.extend(hinted_paths);
+            batch
+        });
+        (batch, hinted)
     }
 
     /// Turns watcher paths into the workspace paths to scan; None means

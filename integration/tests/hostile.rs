@@ -1,6 +1,7 @@
 //! A trusted but hostile peer: a huge length prefix, an index entry that
 //! escapes the workspace, a decompression bomb, a chunk that does not match
-//! its hash. Each time the victim closes the connection, writes nothing
+//! its hash (asked for, or pushed with a change). Each time the victim
+//! closes the connection, writes nothing
 //! outside the workspace, keeps its memory bounded, and goes on syncing
 //! with an honest peer.
 
@@ -44,10 +45,26 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(hostile.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let id_h = line.trim().to_owned();
+    // The peer's lines, each awaited for a bounded time: a victim that
+    // never reacts fails the test instead of hanging it.
+    let lines = {
+        let (send, receive) = std::sync::mpsc::channel();
+        let out = BufReader::new(hostile.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                if send.send(line.unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        receive
+    };
+    let next_line = |what: &str| {
+        lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no '{what}' from the hostile peer; log:\n{}", a.log()))
+    };
+    let id_h = next_line("device ID");
     // Trusted, and even an editor of the workspace: the worst case.
     a.cli_json(&["peer", "add", &id_h]);
     a.cli_json(&["share", "w", &id_h, "--role", "editor"]);
@@ -58,24 +75,40 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
         "EscapingPath",
         "DecompressionBomb",
         "WrongHash",
+        "PushedWrongHash",
     ] {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), format!("{attack} closed"), "log:\n{}", a.log());
+        let expected = format!("{attack} closed");
+        assert_eq!(next_line(&expected), expected, "log:\n{}", a.log());
     }
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "done");
+    // Then an honest change pushed with its announcement: applied from
+    // what came along, without asking for its chunk.
+    assert_eq!(
+        next_line("Pushed applied"),
+        "Pushed applied, chunks asked 0",
+        "log:\n{}",
+        a.log()
+    );
+    assert_eq!(
+        std::fs::read(root_a.join("pushed.txt")).unwrap(),
+        b"pushed with its announcement\n"
+    );
+    assert_eq!(next_line("Pushed closed"), "Pushed closed");
+    assert_eq!(next_line("done"), "done");
     assert!(hostile.wait().unwrap().success());
 
     // Nothing written outside the workspace, nothing bad inside it.
     assert!(!dir_a.path().join("escape.txt").exists());
-    for name in ["bomb.bin", "wrong.bin", "aa"] {
+    for name in ["bomb.bin", "wrong.bin", "pushed-wrong.bin", "aa"] {
         assert!(!root_a.join(name).exists(), "{name} was written");
     }
     assert_no_junk(&root_a);
     let log = a.log();
-    for reason in ["malformed request", "malformed answer", "bad chunk"] {
+    for reason in [
+        "malformed request",
+        "malformed answer",
+        "sent a bad chunk",
+        "pushed a bad chunk",
+    ] {
         assert!(log.contains(reason), "no '{reason}' in the log:\n{log}");
     }
     // A 512 MiB bomb never got near memory.

@@ -17,7 +17,8 @@ pub const JOIN_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// 2: `IndexAfter` (asking for entries and acknowledging are separate, so a
 /// receiver asks for the next page while it still applies the last).
 /// 3: `Index::head` (a receiver shows how far along its sync is).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Changed::pushed` (a small change travels with its announcement).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// No frame from a peer may be larger (before any decompression).
 pub const WIRE_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 
@@ -27,6 +28,12 @@ pub const INDEX_ENTRIES_MAX: usize = 1024;
 pub const CHUNK_REQUEST_MAX: usize = 512;
 /// Stored bytes one `Chunks` answer carries at most (the rest is asked again).
 pub const CHUNK_RESPONSE_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// A change is pushed with its announcement when its index page has at
+/// most this many entries...
+pub const PUSH_ENTRIES_MAX: usize = 64;
+/// ...and chunks are pushed with it up to this many stored bytes (the
+/// receiver asks for the rest, as for any page).
+pub const PUSH_BYTES_MAX: usize = 256 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -49,10 +56,13 @@ pub enum Request {
         workspace: WorkspaceId,
         hashes: Vec<ChunkHash>,
     },
-    /// The sender's index of `workspace` moved to `sequence`: pull.
+    /// The sender's index of `workspace` moved to `sequence`: pull. When
+    /// the change is small, it comes along (`pushed`): the round trips of
+    /// asking for it are what an edit waits for on a LAN.
     Changed {
         workspace: WorkspaceId,
         sequence: u64,
+        pushed: Option<Box<Pushed>>,
     },
     /// An owner's view of who shares `workspace`: an offer to a device that
     /// does not have it yet, an update for one that does.
@@ -103,6 +113,33 @@ pub enum Response {
         #[serde(with = "serde_bytes")]
         message: Option<Vec<u8>>,
     },
+}
+
+/// The index page a receiver acknowledging `after` would ask for next
+/// (whole: the sender pushes only what fits in one page), and the stored
+/// chunks its entries name, in their order, up to [`PUSH_BYTES_MAX`]. A
+/// receiver elsewhere than `after` ignores it and asks as usual; one that
+/// uses it checks everything as it does for a page and chunks it asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    pub after: u64,
+    pub entries: Vec<FileEntry>,
+    pub last_sequence: u64,
+    pub head: u64,
+    #[serde(with = "chunk_list")]
+    pub chunks: Vec<(ChunkHash, Vec<u8>)>,
+}
+
+impl Pushed {
+    /// Whether the page keeps the limits a sender keeps (a receiver
+    /// ignores one that does not).
+    pub fn within_limits(&self) -> bool {
+        self.entries.len() <= PUSH_ENTRIES_MAX
+            && self.chunks.len() <= CHUNK_REQUEST_MAX
+            && self.chunks.iter().map(|(_, b)| b.len()).sum::<usize>() <= PUSH_BYTES_MAX
+            && self.after <= self.last_sequence
+            && self.last_sequence <= self.head
+    }
 }
 
 /// The one request of the join protocol: a ticket's secret.

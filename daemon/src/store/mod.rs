@@ -531,7 +531,23 @@ impl Store {
     /// or an interrupted transfer never fetches them again. Pin them first.
     /// Counts them, in the same commit, in [`StoreStats::fetched_chunks`].
     pub fn commit_fetched_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
-        let txn = self.begin_write()?;
+        self.commit_received_chunks(chunks, true)
+    }
+
+    /// [`Store::commit_fetched_chunks`], not durable by itself: for the few
+    /// small chunks a peer pushed with a change, made durable by the
+    /// commit of the entries that use them (before that, a crash only means
+    /// asking for them).
+    pub fn commit_pushed_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
+        self.commit_received_chunks(chunks, false)
+    }
+
+    fn commit_received_chunks(&self, chunks: &[EncodedChunk], durable: bool) -> Result<()> {
+        let txn = self.begin_write_with(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         insert_chunks(&txn, chunks)?;
         {
             let mut meta = txn.open_table(META)?;
@@ -553,7 +569,7 @@ impl Store {
             value[8..].copy_from_slice(&bytes.to_le_bytes());
             meta.insert(FETCHED_KEY, value.as_slice())?;
         }
-        self.commit_marked(txn, true, None)
+        self.commit_marked(txn, durable, None)
     }
 
     /// Commits chunks ahead of the entry that will reference them (a large

@@ -10,7 +10,13 @@
 //!
 //! The attacks: a frame announcing 4 GiB; an index entry whose path is
 //! `../escape.txt`; a chunk that decompresses to 512 MiB when 1,000 bytes
-//! were announced; a chunk whose bytes do not match its hash.
+//! were announced; a chunk whose bytes do not match its hash; the same,
+//! pushed with the announcement of a change.
+//!
+//! Then one honest change, pushed with its announcement (`pushed.txt`,
+//! [`PUSHED_CONTENT`]): the victim should apply it without asking for its
+//! chunk. Once the victim acknowledges it, the peer prints `Pushed applied,
+//! chunks asked N` and hangs up (`Pushed closed`).
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -94,6 +100,37 @@ enum Attack {
     EscapingPath,
     DecompressionBomb,
     WrongHash,
+    PushedWrongHash,
+    /// Not an attack: a change pushed as an honest peer pushes one.
+    Pushed,
+}
+
+const PUSHED_CONTENT: &[u8] = b"pushed with its announcement\n";
+
+/// The announcement the peer opens with: a change pushed along for the
+/// pushing cases.
+fn announcement(attack: Attack, workspace: WorkspaceId, me: &str) -> Request {
+    let pushed = |name: &str, content: &[u8], stored: Vec<u8>| {
+        let hash = ChunkHash::of(content);
+        Some(Box::new(wire::Pushed {
+            after: 0,
+            entries: vec![entry(name, content.len() as u32, hash, me)],
+            last_sequence: 1,
+            head: 1,
+            chunks: vec![(hash, stored)],
+        }))
+    };
+    let raw = |bytes: &[u8]| [&[0u8][..], bytes].concat();
+    let pushed = match attack {
+        Attack::PushedWrongHash => pushed("pushed-wrong.bin", &[7u8; 100], raw(&[8u8; 100])),
+        Attack::Pushed => pushed("pushed.txt", PUSHED_CONTENT, raw(PUSHED_CONTENT)),
+        _ => None,
+    };
+    Request::Changed {
+        workspace,
+        sequence: 1,
+        pushed,
+    }
 }
 
 fn frame(message: &impl serde::Serialize) -> Raw {
@@ -376,8 +413,11 @@ async fn main() {
         Attack::EscapingPath,
         Attack::DecompressionBomb,
         Attack::WrongHash,
+        Attack::PushedWrongHash,
+        Attack::Pushed,
     ] {
         swarm.dial(victim.clone()).expect("dial");
+        let mut chunks_asked = 0;
         loop {
             match swarm.select_next_some().await {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => {
@@ -386,27 +426,36 @@ async fn main() {
                         bytes.extend([0u8; 64]);
                         swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
                     } else {
-                        let changed = Request::Changed {
-                            workspace,
-                            sequence: 1,
-                        };
+                        let changed = announcement(attack, workspace, &me);
                         swarm
                             .behaviour_mut()
                             .send_request(&peer_id, frame(&changed));
                     }
                 }
                 SwarmEvent::Behaviour(request_response::Event::Message {
+                    peer,
                     message:
                         request_response::Message::Request {
                             request, channel, ..
                         },
                     ..
                 }) => {
-                    let reply = match wire::decode::<Request>(&request.0) {
-                        Ok(request) => answer(attack, &request, &me),
+                    let request = wire::decode::<Request>(&request.0);
+                    let reply = match &request {
+                        Ok(request @ Request::Chunks { .. }) if attack == Attack::Pushed => {
+                            chunks_asked += 1;
+                            answer(attack, request, &me)
+                        }
+                        Ok(request) => answer(attack, request, &me),
                         Err(_) => frame(&Response::Ack),
                     };
                     let _ = swarm.behaviour_mut().send_response(channel, reply);
+                    if attack == Attack::Pushed
+                        && let Ok(Request::IndexAfter { applied: 1.., .. }) = request
+                    {
+                        println!("Pushed applied, chunks asked {chunks_asked}");
+                        let _ = swarm.disconnect_peer_id(peer);
+                    }
                 }
                 SwarmEvent::ConnectionClosed {
                     num_established: 0, ..
