@@ -159,6 +159,15 @@ pub struct Replicator {
     this: std::sync::Weak<Replicator>,
 }
 
+/// How chunks from a peer came: asked for (committed durably: fetched
+/// once, even across a crash) or pushed with a change (made durable by
+/// the commit of the entries that use them).
+#[derive(Clone, Copy)]
+enum Arrival {
+    Fetched,
+    Pushed,
+}
+
 #[derive(Default)]
 struct Running {
     again: bool,
@@ -848,7 +857,17 @@ impl Replicator {
                 .filter_map(|c| prefetched.remove(&c.hash).map(|bytes| (*c, bytes)))
                 .collect();
             if !pushed.is_empty() {
-                self.store_pushed(peer, workspace, pushed, &store).await?;
+                let lengths = pushed.iter().map(|(c, _)| (c.hash, c.len)).collect();
+                let chunks = pushed.into_iter().map(|(c, b)| (c.hash, b)).collect();
+                self.receive_chunks(
+                    peer,
+                    workspace,
+                    chunks,
+                    Arc::new(lengths),
+                    Arrival::Pushed,
+                    &store,
+                )
+                .await?;
             }
             self.fetch(peer, workspace, &missing).await?;
             tracing::debug!(%peer, %workspace, entries = group.len(), chunks = missing.len(), ms = started.elapsed().as_millis() as u64, "fetched a group's chunks");
@@ -1043,51 +1062,6 @@ impl Replicator {
             .unwrap_or(0)
     }
 
-    /// Chunks a peer pushed that we lack, verified and committed like
-    /// fetched ones (a bad one is an offence: the peer is cut off).
-    async fn store_pushed(
-        &self,
-        peer: PeerId,
-        workspace: WorkspaceId,
-        chunks: Vec<(ChunkRef, Vec<u8>)>,
-        store: &Arc<crate::store::Store>,
-    ) -> Result<(), String> {
-        let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
-        let store = store.clone();
-        let network = self.network.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut verified = Vec::with_capacity(chunks.len());
-            for (chunk, stored) in chunks {
-                if let Err(e) = crate::store::verify_chunk(&chunk.hash, chunk.len, &stored) {
-                    let reason = format!("the peer pushed a bad chunk: {e}");
-                    network.send(crate::network::Command::Disconnect {
-                        peer,
-                        reason: reason.clone(),
-                    });
-                    return Err(reason);
-                }
-                verified.push(EncodedChunk {
-                    hash: chunk.hash,
-                    raw_len: chunk.len,
-                    stored,
-                });
-            }
-            store
-                .commit_pushed_chunks(&verified)
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        *self
-            .fetched_from
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(peer)
-            .or_insert(0) += bytes;
-        self.update_progress(workspace, peer, |p| p.bytes += bytes);
-        Ok(())
-    }
-
     /// One `Chunks` request: what came back, verified and committed.
     async fn fetch_some(
         &self,
@@ -1112,8 +1086,30 @@ impl Replicator {
             Response::Error { message } => return Err(message),
             other => return Err(format!("unexpected answer {other:?}")),
         };
+        self.receive_chunks(
+            peer,
+            workspace,
+            chunks,
+            lengths.clone(),
+            Arrival::Fetched,
+            store,
+        )
+        .await
+    }
+
+    /// Chunks from `peer`, each checked against its hash and the length
+    /// expected of it (`lengths`), then committed and counted; which were.
+    /// One not expected, or bad, is an offence: the peer is cut off.
+    async fn receive_chunks(
+        &self,
+        peer: PeerId,
+        workspace: WorkspaceId,
+        chunks: Vec<(ChunkHash, Vec<u8>)>,
+        lengths: Arc<HashMap<ChunkHash, u32>>,
+        arrival: Arrival,
+        store: &Arc<crate::store::Store>,
+    ) -> Result<Vec<ChunkHash>, String> {
         let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
-        let lengths = lengths.clone();
         let store = store.clone();
         let network = self.network.clone();
         let got = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
@@ -1124,15 +1120,19 @@ impl Replicator {
                 });
                 reason
             };
+            let verb = match arrival {
+                Arrival::Fetched => "sent",
+                Arrival::Pushed => "pushed",
+            };
             let mut verified = Vec::with_capacity(chunks.len());
             for (hash, stored) in chunks {
                 let Some(&len) = lengths.get(&hash) else {
                     return Err(offence(format!(
-                        "the peer sent chunk {hash} that was not asked for"
+                        "the peer {verb} chunk {hash} that was not asked for"
                     )));
                 };
                 crate::store::verify_chunk(&hash, len, &stored)
-                    .map_err(|e| offence(format!("the peer sent a bad chunk: {e}")))?;
+                    .map_err(|e| offence(format!("the peer {verb} a bad chunk: {e}")))?;
                 verified.push(EncodedChunk {
                     hash,
                     raw_len: len,
@@ -1140,9 +1140,11 @@ impl Replicator {
                 });
             }
             if !verified.is_empty() {
-                store
-                    .commit_fetched_chunks(&verified)
-                    .map_err(|e| e.to_string())?;
+                match arrival {
+                    Arrival::Fetched => store.commit_fetched_chunks(&verified),
+                    Arrival::Pushed => store.commit_pushed_chunks(&verified),
+                }
+                .map_err(|e| e.to_string())?;
             }
             Ok(verified.iter().map(|c| c.hash).collect())
         })
