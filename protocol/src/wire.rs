@@ -284,6 +284,64 @@ mod tests {
         );
     }
 
+    /// A change pushed with its announcement survives the wire, and a
+    /// receiver tells a page within the limits a sender keeps from one
+    /// beyond them.
+    #[test]
+    fn pushed_pages_round_trip_and_keep_their_limits() {
+        use crate::index::{ChunkRef, FileKind};
+        use crate::{RelPath, version::VersionVector};
+        let content = b"saved in the IDE\n";
+        let hash = ChunkHash::of(content);
+        let entry = FileEntry {
+            path: RelPath::new("src/main.rs").unwrap(),
+            kind: FileKind::File,
+            size: content.len() as u64,
+            mtime_ns: 1_700_000_000_000_000_000,
+            executable: false,
+            content_hash: hash,
+            chunks: vec![ChunkRef {
+                hash,
+                len: content.len() as u32,
+            }],
+            symlink_target: None,
+            deleted: false,
+            version: VersionVector::new(),
+            sequence: 8,
+            modified_by: "a device".into(),
+        };
+        let page = Pushed {
+            after: 7,
+            entries: vec![entry],
+            last_sequence: 8,
+            head: 8,
+            chunks: vec![(hash, [&[0u8][..], content].concat())],
+        };
+        assert!(page.within_limits());
+        let changed = Request::Changed {
+            workspace: WorkspaceId::from_random([3; 16]),
+            sequence: 8,
+            pushed: Some(Box::new(page.clone())),
+        };
+        let frame = encode(&changed).unwrap();
+        assert_eq!(decode::<Request>(&frame[4..]).unwrap(), changed);
+
+        let beyond = |change: fn(&mut Pushed)| {
+            let mut page = page.clone();
+            change(&mut page);
+            !page.within_limits()
+        };
+        assert!(beyond(
+            |p| p.entries = vec![p.entries[0].clone(); PUSH_ENTRIES_MAX + 1]
+        ));
+        assert!(beyond(
+            |p| p.chunks = vec![p.chunks[0].clone(); CHUNK_REQUEST_MAX + 1]
+        ));
+        assert!(beyond(|p| p.chunks[0].1 = vec![0; PUSH_BYTES_MAX + 1]));
+        assert!(beyond(|p| p.after = p.last_sequence + 1));
+        assert!(beyond(|p| p.head = p.last_sequence - 1));
+    }
+
     /// A frame is the length, then exactly postcard's encoding: its size
     /// is computed before it is written, never guessed.
     #[test]
