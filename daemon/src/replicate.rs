@@ -168,7 +168,6 @@ enum Arrival {
     Pushed,
 }
 
-#[derive(Default)]
 struct Running {
     again: bool,
     pushed: Option<Box<Pushed>>,
@@ -675,6 +674,7 @@ impl Replicator {
             // A page pushed with the announcement is the one we would ask
             // for, if it follows what is applied here.
             let mut prefetched = HashMap::new();
+            let mut from_push = false;
             let pushed = self
                 .running
                 .lock()
@@ -684,6 +684,7 @@ impl Replicator {
             let (entries, last_sequence, more, head) = match pushed {
                 Some(page) if page.after == after => {
                     let page = *page;
+                    from_push = true;
                     prefetched.extend(page.chunks);
                     (page.entries, page.last_sequence, false, page.head)
                 }
@@ -710,7 +711,7 @@ impl Replicator {
                     Err(e) => break Err(e),
                 },
             };
-            tracing::debug!(%peer, %workspace, after, applied, last_sequence, more, entries = entries.len(), pushed = !prefetched.is_empty(), "index page");
+            tracing::debug!(%peer, %workspace, after, applied, last_sequence, more, entries = entries.len(), pushed = from_push, "index page");
             if entries.len() > INDEX_ENTRIES_MAX
                 || last_sequence < after
                 || (more && last_sequence == after)
@@ -852,24 +853,8 @@ impl Replicator {
             // between leaves them stored, not fetched again.
             let pins = store.pin(missing.iter().map(|c| c.hash).collect());
             let started = std::time::Instant::now();
-            let pushed: Vec<(ChunkRef, Vec<u8>)> = missing
-                .iter()
-                .filter_map(|c| prefetched.remove(&c.hash).map(|bytes| (*c, bytes)))
-                .collect();
-            if !pushed.is_empty() {
-                let lengths = pushed.iter().map(|(c, _)| (c.hash, c.len)).collect();
-                let chunks = pushed.into_iter().map(|(c, b)| (c.hash, b)).collect();
-                self.receive_chunks(
-                    peer,
-                    workspace,
-                    chunks,
-                    Arc::new(lengths),
-                    Arrival::Pushed,
-                    &store,
-                )
+            self.fetch(peer, workspace, &missing, &mut prefetched)
                 .await?;
-            }
-            self.fetch(peer, workspace, &missing).await?;
             tracing::debug!(%peer, %workspace, entries = group.len(), chunks = missing.len(), ms = started.elapsed().as_millis() as u64, "fetched a group's chunks");
             // One group applies at a time, in order.
             pipeline.finish().await?;
@@ -893,16 +878,35 @@ impl Replicator {
     /// each answer arrives (pinned by the caller). Chunks another pull is
     /// fetching at the same time (from another peer) are not asked for:
     /// their arrival is awaited, and asked for here only if that pull fails.
+    /// Those among `pushed` (what the peer sent with the page) are taken
+    /// from there instead, checked the same way.
     async fn fetch(
         &self,
         peer: PeerId,
         workspace: WorkspaceId,
         wanted: &[ChunkRef],
+        pushed: &mut HashMap<ChunkHash, Vec<u8>>,
     ) -> Result<(), String> {
         use futures::StreamExt;
         let store = self.daemon()?.store.clone();
         let lengths: Arc<HashMap<ChunkHash, u32>> =
             Arc::new(wanted.iter().map(|c| (c.hash, c.len)).collect());
+        // Those the peer pushed with the page come first, without asking.
+        let came: Vec<(ChunkHash, Vec<u8>)> = wanted
+            .iter()
+            .filter_map(|c| pushed.remove(&c.hash).map(|bytes| (c.hash, bytes)))
+            .collect();
+        if !came.is_empty() {
+            self.receive_chunks(
+                peer,
+                workspace,
+                came,
+                lengths.clone(),
+                Arrival::Pushed,
+                &store,
+            )
+            .await?;
+        }
         let mut pending: Vec<ChunkRef> = wanted.to_vec();
         loop {
             // What arrived meanwhile, through another pull, is not asked for.

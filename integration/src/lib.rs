@@ -350,6 +350,25 @@ impl Device {
         other.accept_offer(workspace, path);
     }
 
+    /// A workspace `w` of `files` generated text files (`seed`) at
+    /// `dir/ws`, shared with `other` as an editor into `other_dir/ws`; its
+    /// ID and the two roots. Waits for the offer, not for the sync.
+    pub fn share_generated(
+        &self,
+        dir: &Path,
+        other: &Device,
+        other_dir: &Path,
+        seed: u64,
+        files: usize,
+    ) -> (String, PathBuf, PathBuf) {
+        let (root, other_root) = (dir.join("ws"), other_dir.join("ws"));
+        generate_tree(&root, seed, files, 0, 0);
+        std::fs::create_dir_all(&other_root).unwrap();
+        let ws = self.add_workspace(&root, "w");
+        self.share_with(other, &ws, "editor", &other_root);
+        (ws, root, other_root)
+    }
+
     /// Waits for an offer of `workspace` and accepts it into `path`.
     pub fn accept_offer(&self, workspace: &str, path: &Path) {
         wait_until(Duration::from_secs(30), "the offer to arrive", || {

@@ -33,12 +33,7 @@ fn devices_on_a_lan_discover_each_other_and_sync() {
         "connected over the LAN link: {address}"
     );
 
-    let root_a = dir_a.path().join("ws");
-    let root_b = dir_b.path().join("ws");
-    generate_tree(&root_a, 60, 100, 0, 0);
-    std::fs::create_dir_all(&root_b).unwrap();
-    let ws = a.add_workspace(&root_a, "w");
-    a.share_with(&b, &ws, "editor", &root_b);
+    let (_, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 60, 100);
     wait_until(
         Duration::from_secs(60),
         "the workspace to sync over the LAN",

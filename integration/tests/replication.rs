@@ -108,12 +108,7 @@ fn two_devices_converge_through_edits_on_both_sides() {
 #[test]
 fn an_offline_device_catches_up() {
     let (dir_a, dir_b, a, mut b) = pair();
-    let root_a = dir_a.path().join("ws");
-    let root_b = dir_b.path().join("ws");
-    generate_tree(&root_a, 50, 200, 0, 0);
-    std::fs::create_dir_all(&root_b).unwrap();
-    let ws = a.add_workspace(&root_a, "w");
-    a.share_with(&b, &ws, "editor", &root_b);
+    let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 50, 200);
     wait_same("the initial sync", &root_a, &root_b);
     b.stop();
     let mut rng = Rng::new(51);
@@ -130,12 +125,7 @@ fn an_offline_device_catches_up() {
 #[test]
 fn touched_with_wait_answers_once_the_peer_has_the_file() {
     let (dir_a, dir_b, a, b) = pair();
-    let root_a = dir_a.path().join("ws");
-    let root_b = dir_b.path().join("ws");
-    generate_tree(&root_a, 60, 30, 0, 0);
-    std::fs::create_dir_all(&root_b).unwrap();
-    let ws = a.add_workspace(&root_a, "w");
-    a.share_with(&b, &ws, "editor", &root_b);
+    let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 60, 30);
     wait_same("the initial sync", &root_a, &root_b);
     for i in 0..5 {
         let saved = root_a.join(format!("saved-{i}.txt"));
