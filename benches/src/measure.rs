@@ -21,6 +21,19 @@ pub fn percentiles(samples: &[f64]) -> Value {
 
 /// User plus system CPU seconds of a process so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let ticks: f64 = stat_fields(pid, 11..13).iter().sum();
+    ticks / CLOCK_TICKS_PER_SECOND
+}
+
+/// Minor page faults of a process so far (each a page the kernel had to
+/// find and map: memory given back to the system and touched again).
+pub fn minor_faults(pid: u32) -> u64 {
+    stat_fields(pid, 7..8).first().copied().unwrap_or(0.0) as u64
+}
+
+/// Fields of `/proc/PID/stat` after the command name (index 0 is the
+/// state), as numbers.
+fn stat_fields(pid: u32, range: std::ops::Range<usize>) -> Vec<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -28,11 +41,10 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / CLOCK_TICKS_PER_SECOND
+    fields
+        .get(range)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// (current RSS, peak RSS) of a process in MiB.

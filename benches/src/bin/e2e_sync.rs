@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin mariesync
-//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--perf FILE [--perf-dwarf]]
+//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--dir /var/tmp] [--perf FILE [--perf-dwarf] [--perf-event E]]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
 
     let work = tempfile::Builder::new()
         .prefix("ms-sync-bench-")
-        .tempdir_in("/var/tmp")?;
+        .tempdir_in(args.value("--dir").unwrap_or("/var/tmp"))?;
     // --keep leaves the trees and the daemons' logs for a look afterwards.
     let work_path = if args.has("--keep") {
         work.keep()
@@ -59,12 +59,20 @@ fn main() -> anyhow::Result<()> {
     a.flush(&ws);
     let expected = tree_state(&root_a);
     let cpu_b_before = measure::cpu_seconds(b.pid());
+    let faults_b_before = measure::minor_faults(b.pid());
 
     // --perf FILE: a CPU profile of the receiver during the initial sync
     // (`perf report -i FILE`).
     let perf = args.value("--perf").map(|file| {
         std::process::Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-o", file])
+            // --perf-event EVENT: another event than CPU time (say
+            // `page-faults`).
+            .args([
+                "record",
+                "-e",
+                args.value("--perf-event").unwrap_or("cpu-clock"),
+            ])
+            .args(["-o", file])
             // --perf-dwarf: call graphs through Rust code (no frame pointers).
             .args(if args.has("--perf-dwarf") {
                 ["-F", "299", "--call-graph", "dwarf,32768"]
@@ -89,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     });
     let initial = started.elapsed();
     let cpu_b_initial = measure::cpu_seconds(b.pid()) - cpu_b_before;
+    let faults_b_initial = measure::minor_faults(b.pid()) - faults_b_before;
     if let Some(mut perf) = perf {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
@@ -182,6 +191,7 @@ fn main() -> anyhow::Result<()> {
         "initial_sync_s": initial.as_secs_f64(),
         "initial_sync_mib_per_s": bytes as f64 / (1024.0 * 1024.0) / initial.as_secs_f64(),
         "receiver_cpu_s_initial": cpu_b_initial,
+        "receiver_minor_faults_initial": faults_b_initial,
         "catch_up_s": catch_up.as_secs_f64(),
         "save_to_peer_watcher_ms": measure::percentiles(&watcher),
         "save_to_peer_touched_ms": measure::percentiles(&hinted),
