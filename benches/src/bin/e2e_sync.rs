@@ -83,6 +83,9 @@ fn main() -> anyhow::Result<()> {
     // ../shared/bench does, so that the initial sync includes A's first
     // scan; by default A has scanned it before it is shared.
     let share_first = args.has("--share-first");
+    if share_first {
+        eprintln!("initial sync");
+    }
     let mut started = Instant::now();
     let ws = a.add_workspace(&root_a, "bench");
     if !share_first {
@@ -94,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     // Initial sync: from sharing (or adding, with --share-first) until
     // B's tree is byte-identical.
     if !share_first {
+        eprintln!("initial sync");
         started = Instant::now();
     }
     a.share_with(&b, &ws, "editor", &root_b);
@@ -109,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut initial = started.elapsed();
+    eprintln!("B has every file");
     if tree_state(&root_b) != expected {
         wait_until(Duration::from_secs(600), "B's tree to be identical", || {
             (tree_state(&root_b) == expected).then_some(())
