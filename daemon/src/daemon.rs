@@ -503,25 +503,14 @@ impl Daemon {
             _ => {
                 let this = self.clone();
                 let method_name = method_name.to_owned();
-                tokio::task::spawn_blocking(move || {
-                    let result = this.handle_blocking(&method_name, params);
-                    // Only after answers that may be large: a trim gives
-                    // back every free page of every arena, and the next
-                    // buffer faults them in again (after each `status` an
-                    // IDE polls, a receiver in an initial sync took a page
-                    // fault per 4 KiB it received: 17% of its CPU).
-                    if [method::WORKSPACE_FILES, method::CHECKPOINT_DIFF].contains(&&*method_name) {
-                        crate::release_memory();
-                    }
-                    result
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(RpcError::new(
-                        ErrorCode::Internal,
-                        format!("request failed: {e}"),
-                    ))
-                })
+                tokio::task::spawn_blocking(move || this.handle_blocking(&method_name, params))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(RpcError::new(
+                            ErrorCode::Internal,
+                            format!("request failed: {e}"),
+                        ))
+                    })
             }
         }
     }
@@ -717,7 +706,7 @@ impl Daemon {
                     .store
                     .files(number, prefix.as_ref())
                     .map_err(store_err)?;
-                let files: Vec<Value> = files
+                let listed: Vec<Value> = files
                     .iter()
                     .filter(|f| !f.entry.deleted)
                     .map(|f| {
@@ -736,7 +725,14 @@ impl Daemon {
                         v
                     })
                     .collect();
-                Ok(json!({ "files": files }))
+                // The whole index was read: give that memory back. (Here
+                // only, not after every answer: a trim hands back every
+                // free page of every arena and the next buffers fault them
+                // in again; a receiver whose `status` an IDE polled took a
+                // page fault per 4 KiB it received, 17% of its CPU.)
+                drop(files);
+                crate::release_memory();
+                Ok(json!({ "files": listed }))
             }
             method::CHECKPOINT_LIST => {
                 let p: WorkspaceParams = parse_params(params)?;

@@ -61,9 +61,37 @@ pub fn bin() -> PathBuf {
 
 /// Polls `condition` until it returns `Some`, or panics after `timeout`
 /// saying what was awaited.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(timeout: Duration, what: &str, condition: impl FnMut() -> Option<T>) -> T {
+    poll(
+        timeout,
+        what,
+        condition,
+        Duration::from_millis(2),
+        |pause| (pause * 2).min(Duration::from_millis(50)),
+    )
+}
+
+/// [`wait_until`], checking every `pause`: for benchmarks, where the time
+/// it returns at is what is measured (a growing pause rounds it up to its
+/// steps).
+pub fn wait_until_every<T>(
+    pause: Duration,
+    timeout: Duration,
+    what: &str,
+    condition: impl FnMut() -> Option<T>,
+) -> T {
+    poll(timeout, what, condition, pause, |pause| pause)
+}
+
+fn poll<T>(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> Option<T>,
+    first_pause: Duration,
+    next_pause: impl Fn(Duration) -> Duration,
+) -> T {
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(2);
+    let mut pause = first_pause;
     loop {
         if let Some(value) = condition() {
             return value;
@@ -73,7 +101,46 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut condition: impl FnMut() 
             "timed out after {timeout:?} waiting for {what}"
         );
         std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
+        pause = next_pause(pause);
+    }
+}
+
+/// Counters of a running process, from `/proc` (Linux): for tests that
+/// bound a daemon's memory or page faults, and for benchmarks. `None` when
+/// the process or the field is not there.
+pub mod proc_stats {
+    /// The numbers of `/proc/PID/stat` after the command name, by
+    /// position (0 is the state, which is not a number; 7 minor faults; 11
+    /// and 12 user and system ticks).
+    fn stat_numbers(pid: u32) -> Option<Vec<Option<u64>>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces; it ends at the last ')'.
+        let after_name = stat.rsplit(')').next()?;
+        Some(
+            after_name
+                .split_whitespace()
+                .map(|f| f.parse().ok())
+                .collect(),
+        )
+    }
+
+    /// Minor page faults so far (each a page the kernel had to find and
+    /// map: memory given back to the system and touched again, say).
+    pub fn minor_faults(pid: u32) -> Option<u64> {
+        *stat_numbers(pid)?.get(7)?
+    }
+
+    /// User plus system CPU time so far, in clock ticks.
+    pub fn cpu_ticks(pid: u32) -> Option<u64> {
+        let numbers = stat_numbers(pid)?;
+        Some((*numbers.get(11)?)? + (*numbers.get(12)?)?)
+    }
+
+    /// A `kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in KiB.
+    pub fn status_kib(pid: u32, name: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.split(':').next() == Some(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 }
 

@@ -328,19 +328,6 @@ fn socket_is_private() {
     assert_eq!(home_mode & 0o777, 0o700);
 }
 
-/// Minor page faults of a process so far, from /proc.
-fn minor_faults(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name; minflt is the 8th of them.
-    let after_name = stat.rsplit(')').next().unwrap();
-    after_name
-        .split_whitespace()
-        .nth(7)
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// An IDE polling `status` (as it does to show a sync's progress) does not
 /// make the daemon give its free memory back after every answer, only to
 /// fault it in again: a daemon that did took a page fault per 4 KiB it
@@ -359,11 +346,12 @@ fn polling_status_does_not_churn_memory() {
     for _ in 0..20 {
         device.ok("status", json!({}));
     }
-    let before = minor_faults(device.pid());
+    let faults = || proc_stats::minor_faults(device.pid()).expect("the daemon's /proc/PID/stat");
+    let before = faults();
     for _ in 0..200 {
         device.ok("status", json!({}));
     }
-    let faults = minor_faults(device.pid()) - before;
+    let faults = faults() - before;
     // 3 to 7 here; a trim after each answer made it 400 to 800.
     assert!(faults < 100, "{faults} page faults for 200 status calls");
 }

@@ -14,17 +14,7 @@ use serde_json::json;
 
 /// Peak resident memory of a process, from /proc.
 fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM in /proc/PID/status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
+    proc_stats::status_kib(pid, "VmHWM").expect("VmHWM in /proc/PID/status") * 1024
 }
 
 #[test]

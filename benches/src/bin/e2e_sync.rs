@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mariesync_benches::args::{Args, use_sibling_daemon};
 use mariesync_benches::measure;
 use mariesync_benches::workspace_gen::{self, Spec};
-use mariesync_integration::{Device, tree_state, wait_until};
+use mariesync_integration::{Device, tree_state, wait_until, wait_until_every};
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
@@ -83,10 +83,11 @@ fn main() -> anyhow::Result<()> {
     // ../shared/bench does, so that the initial sync includes A's first
     // scan; by default A has scanned it before it is shared.
     let share_first = args.has("--share-first");
-    if share_first {
+    let start = || {
         eprintln!("initial sync");
-    }
-    let mut started = Instant::now();
+        Instant::now()
+    };
+    let started = share_first.then(start);
     let ws = a.add_workspace(&root_a, "bench");
     if !share_first {
         a.flush(&ws);
@@ -96,10 +97,7 @@ fn main() -> anyhow::Result<()> {
 
     // Initial sync: from sharing (or adding, with --share-first) until
     // B's tree is byte-identical.
-    if !share_first {
-        eprintln!("initial sync");
-        started = Instant::now();
-    }
+    let started = started.unwrap_or_else(start);
     a.share_with(&b, &ws, "editor", &root_b);
     let want_files = expected.values().filter(|s| s.kind == "file").count() as u64;
     // B counts a file once it is in place, durable, and indexed: the time
@@ -107,11 +105,12 @@ fn main() -> anyhow::Result<()> {
     // (else the time it becomes so). Polled every 5 ms (a `status` costs
     // B a fraction of a millisecond), and B's tree is read only once it is
     // done: hashing 307 MiB to check takes a third of a second.
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while b.ok("status", json!({}))["workspaces"][0]["files"].as_u64() != Some(want_files) {
-        assert!(Instant::now() < deadline, "timed out waiting for B's files");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let every_file = || {
+        let status = b.ok("status", json!({}));
+        (status["workspaces"][0]["files"].as_u64() == Some(want_files)).then_some(())
+    };
+    let (pause, timeout) = (Duration::from_millis(5), Duration::from_secs(600));
+    wait_until_every(pause, timeout, "B to have every file", every_file);
     let mut initial = started.elapsed();
     eprintln!("B has every file");
     if tree_state(&root_b) != expected {
@@ -202,14 +201,10 @@ fn main() -> anyhow::Result<()> {
         // Every 0.5 ms: a growing pause would round the latency up to
         // its steps (wait_until's 2, 6, 14, 30 ms made one run's p50 4.9
         // ms and the next one's 8.5).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::read(&target_b).ok().as_deref() != Some(content.as_slice()) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for B to have the edit"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
+        let (pause, timeout) = (Duration::from_micros(500), Duration::from_secs(30));
+        wait_until_every(pause, timeout, "B to have the edit", || {
+            (std::fs::read(&target_b).ok().as_deref() == Some(content.as_slice())).then_some(())
+        });
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         if i % 3 == 1 {
             hinted.push(ms)
