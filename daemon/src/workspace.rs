@@ -1019,9 +1019,13 @@ impl Worker {
             }
         }
         let renamed_ms = started.elapsed().as_millis() as u64;
-        store
-            .commit_batch(number, &batch, next, true)
-            .map_err(store_err)?;
+        // Entries the index already had (a peer relaying our own changes
+        // back, say) change nothing: no commit, and no fsync for nothing.
+        if !(batch.upserts.is_empty() && batch.forget.is_empty()) {
+            store
+                .commit_batch(number, &batch, next, true)
+                .map_err(store_err)?;
+        }
         tracing::debug!(
             workspace = %self.shared.name,
             files = batch.upserts.len(),
