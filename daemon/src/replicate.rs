@@ -171,6 +171,9 @@ enum Arrival {
 struct Running {
     again: bool,
     pushed: Option<Box<Pushed>>,
+    /// Cuts a retry's wait short: the peer just showed it is there and
+    /// has news (it announced a change, or started pulling from us).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// Chunks claimed by one `Chunks` request, released when it ends however
@@ -384,6 +387,16 @@ impl Replicator {
                     *ack = (*ack).max(applied);
                 }
                 self.acked.notify_waiters();
+                // It has the workspace now: a pull from it waiting to try
+                // again (it had refused us) need not wait any longer.
+                if let Some(run) = self
+                    .running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(workspace, peer))
+                {
+                    run.wake.notify_one();
+                }
                 let store = daemon.store.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     store.changes_since(number, after, INDEX_ENTRIES_MAX)
@@ -606,6 +619,7 @@ impl Replicator {
                 if pushed.is_some() {
                     run.pushed = pushed;
                 }
+                run.wake.notify_one();
                 return;
             }
             running.insert(
@@ -613,6 +627,7 @@ impl Replicator {
                 Running {
                     again: false,
                     pushed,
+                    wake: Arc::new(tokio::sync::Notify::new()),
                 },
             );
         }
@@ -622,9 +637,26 @@ impl Replicator {
                 if let Err(e) = self.pull_once(workspace, peer).await {
                     tracing::debug!(%peer, %workspace, "pull stopped: {e}");
                     // Again later while the peer is there: a busy peer, a
-                    // file being saved, a full disk all pass.
+                    // file being saved, a full disk all pass. Sooner if
+                    // the peer announces a change meanwhile (one that
+                    // refused us because it had not accepted the
+                    // workspace yet, say, and now has).
                     if self.network.snapshot(|s| s.connected.contains_key(&peer)) {
-                        tokio::time::sleep(retry).await;
+                        let wake = self
+                            .running
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&(workspace, peer))
+                            .map(|run| run.wake.clone());
+                        match wake {
+                            Some(wake) => {
+                                tokio::select! {
+                                    () = tokio::time::sleep(retry) => {}
+                                    () = wake.notified() => {}
+                                }
+                            }
+                            None => tokio::time::sleep(retry).await,
+                        }
                         retry = (retry * 2).min(RETRY_LAST);
                         continue;
                     }
@@ -669,6 +701,7 @@ impl Replicator {
             failed: None,
         };
         let (mut after, mut saved) = (pipeline.applied, pipeline.applied);
+        let mut expecting = false;
         let result = loop {
             let applied = pipeline.applied;
             // A page pushed with the announcement is the one we would ask
@@ -718,6 +751,15 @@ impl Replicator {
                 || head < last_sequence
             {
                 break Err("a peer sent a malformed index page".into());
+            }
+            if !expecting {
+                // It serves the workspace, so it has it and pulls from us
+                // too: `flush` waits for it from now on, even before its
+                // first pull reaches us.
+                expecting = true;
+                if let Ok(daemon) = self.daemon() {
+                    self.expect_acks(&daemon, workspace, peer);
+                }
             }
             if !entries.is_empty() {
                 let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
