@@ -507,7 +507,8 @@ impl Scanner<'_> {
             _ => Change::Added,
         };
         let mut version = old.map(|o| o.entry.version.clone()).unwrap_or_default();
-        version.bump(self.device);
+        let counter = self.store.issue_version_counter(&version);
+        version.bump_at(self.device, counter);
         entry.version = version;
         entry.modified_by = self.device_id.to_owned();
         entry.sequence = *next_sequence;

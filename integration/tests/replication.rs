@@ -378,3 +378,49 @@ fn a_new_device_pulls_from_two_peers_and_fetches_each_chunk_once() {
     );
     assert_no_junk(&roots[2]);
 }
+
+/// A device that leaves a shared workspace (`workspace remove`: its index
+/// goes) and joins it again keeps what it changed meanwhile: its new
+/// versions must not look older than the ones it made before it left.
+#[test]
+fn a_device_that_rejoins_keeps_what_it_changed_while_away() {
+    let (dir_a, dir_b, a, b) = pair();
+    let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 70, 20);
+    wait_same("the initial sync", &root_a, &root_b);
+    // B edits a file a few times: its device has counters in the version.
+    // The first save right after joining reaches A too: A's first pull
+    // from B, before B accepted, was refused, and `--wait` counts A all
+    // the same.
+    let path = list_files(&root_a)[0].clone();
+    for i in 0..3 {
+        std::fs::write(root_b.join(&path), format!("B's edit {i}\n")).unwrap();
+        b.ok(
+            "workspace.touched",
+            json!({"workspace": ws, "paths": [root_b.join(&path)], "wait": true}),
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(root_a.join(&path)).unwrap(),
+        "B's edit 2\n"
+    );
+    // B leaves, edits the file while away, and joins again in place (A
+    // offers it again).
+    b.ok("workspace.remove", json!({ "workspace": ws }));
+    std::fs::write(root_b.join(&path), "written while away\n").unwrap();
+    a.share_with(&b, &ws, "editor", &root_b);
+    b.flush(&ws);
+    a.flush(&ws);
+    wait_same("the rejoin", &root_a, &root_b);
+    // The edit made while away is on both devices: the file itself or a
+    // conflict copy of it.
+    for root in [&root_a, &root_b] {
+        let kept = list_files(root).iter().any(|p| {
+            std::fs::read_to_string(root.join(p)).ok().as_deref() == Some("written while away\n")
+        });
+        assert!(
+            kept,
+            "the edit made while away is lost in {}",
+            root.display()
+        );
+    }
+}

@@ -56,8 +56,22 @@ impl VersionVector {
     /// Records a new change by `device`: its counter moves past every counter
     /// in the vector, so the result dominates what it replaces.
     pub fn bump(&mut self, device: DeviceKey) {
-        let top = self.0.iter().map(|(_, c)| *c).max().unwrap_or(0);
-        self.set(device, top + 1);
+        self.bump_at(device, 0);
+    }
+
+    /// [`bump`](Self::bump), with a counter of at least `floor`. Counters
+    /// that only follow the vector start again from 1 when a device loses
+    /// a workspace's index (it left a shared workspace and joined again):
+    /// its new changes would look older than the ones it made before, and
+    /// a peer's copy of those would silently replace them. The daemon
+    /// passes one more than the highest counter the device ever issued.
+    pub fn bump_at(&mut self, device: DeviceKey, floor: u64) {
+        self.set(device, (self.top() + 1).max(floor));
+    }
+
+    /// The highest counter in the vector (0 if empty).
+    pub fn top(&self) -> u64 {
+        self.0.iter().map(|(_, c)| *c).max().unwrap_or(0)
     }
 
     pub fn merge(&mut self, other: &VersionVector) {
@@ -125,6 +139,29 @@ mod tests {
         merged.bump(A);
         assert_eq!(merged.compare(&on_a), VersionOrder::Newer);
         assert_eq!(merged.compare(&on_b), VersionOrder::Newer);
+    }
+
+    #[test]
+    fn a_device_that_lost_its_index_makes_concurrent_versions_not_older() {
+        // A made three changes; B has the last. A's highest counter: 3.
+        let mut on_b = VersionVector::new();
+        for floor in 1..4 {
+            on_b.bump_at(A, floor);
+        }
+        assert_eq!(on_b.get(A), 3);
+        // A starts again from an empty index: its first counter is past
+        // every one it issued.
+        let mut again = VersionVector::new();
+        again.bump_at(A, 4);
+        assert_eq!(again.compare(&on_b), VersionOrder::Newer);
+        // Where another device changed the file meanwhile: concurrent, a
+        // conflict that keeps both, never "older".
+        on_b.bump(B);
+        assert_eq!(again.compare(&on_b), VersionOrder::Concurrent);
+        // A floor below the vector: the counter still moves past it.
+        on_b.bump_at(A, 1);
+        assert_eq!(on_b.get(A), 5);
+        assert_eq!(on_b.top(), 5);
     }
 
     proptest! {

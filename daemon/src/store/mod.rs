@@ -16,7 +16,7 @@ mod records;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mariesync_protocol::{CheckpointId, ChunkHash, FileEntry, RelPath, WorkspaceId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -74,6 +74,8 @@ const SETTINGS_DOCS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new(
 const SCHEMA_VERSION: u32 = 4;
 /// In META: chunks and stored bytes ever received from peers (two u64 LE).
 const FETCHED_KEY: &str = "stats/fetched";
+/// In META: the highest version counter this device issued (u64 LE).
+const COUNTER_KEY: &str = "version/counter";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -135,6 +137,11 @@ pub struct Store {
     /// will reference them (counted: two pulls may fetch one chunk). GC
     /// keeps them; see [`Store::pin`].
     pinned: Mutex<HashMap<ChunkHash, u32>>,
+    /// The highest version counter this device issued, and the highest one
+    /// committed to META with the entries that carry it (see
+    /// [`Store::issue_version_counter`]).
+    counter_issued: AtomicU64,
+    counter_saved: AtomicU64,
 }
 
 /// Chunks kept from GC until this is dropped.
@@ -212,8 +219,13 @@ impl Store {
             references: std::sync::RwLock::new(()),
             marks: Mutex::new(Marks::default()),
             pinned: Mutex::new(HashMap::new()),
+            counter_issued: AtomicU64::new(0),
+            counter_saved: AtomicU64::new(0),
         };
         store.init()?;
+        let counter = store.saved_version_counter()?;
+        store.counter_issued.store(counter, Ordering::Release);
+        store.counter_saved.store(counter, Ordering::Release);
         // Everything found at open is durable.
         for (number, record) in store.workspaces()? {
             store
@@ -252,6 +264,39 @@ impl Store {
             }
         }
         self.commit(txn)
+    }
+
+    /// The highest version counter issued, as saved; for a database from
+    /// before it was saved, the highest counter in the index (it is at
+    /// least that; saved with the next commit of a scan).
+    fn saved_version_counter(&self) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        if let Some(saved) = txn.open_table(META)?.get(COUNTER_KEY)? {
+            return Ok(u64_from(saved.value()));
+        }
+        let mut top = 0;
+        for row in txn.open_table(FILES)?.iter()? {
+            let (_, value) = row?;
+            let file: IndexedFile = records::decode(value.value())?;
+            top = top.max(file.entry.version.top());
+        }
+        Ok(top)
+    }
+
+    /// The counter for a new version this device makes of `version`: past
+    /// every counter in it and every counter this device issued before,
+    /// in any workspace, even one since removed. Saved with the commit of
+    /// the batch that carries it (`commit_batch`), so a crash before that
+    /// commit loses only counters no peer has seen.
+    pub fn issue_version_counter(&self, version: &mariesync_protocol::VersionVector) -> u64 {
+        let top = version.top();
+        let previous = self
+            .counter_issued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |issued| {
+                Some(issued.max(top) + 1)
+            })
+            .unwrap_or_else(|issued| issued);
+        previous.max(top) + 1
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction> {
@@ -672,7 +717,15 @@ impl Store {
             workspaces.insert(workspace, records::encode(&record).as_slice())?;
             next_after = record.next_sequence;
         }
-        self.commit_marked(txn, durable, Some((workspace, next_after)))
+        // Every counter in this batch was issued by now.
+        let issued = self.counter_issued.load(Ordering::Acquire);
+        if issued > self.counter_saved.load(Ordering::Acquire) {
+            txn.open_table(META)?
+                .insert(COUNTER_KEY, issued.to_le_bytes().as_slice())?;
+        }
+        self.commit_marked(txn, durable, Some((workspace, next_after)))?;
+        self.counter_saved.fetch_max(issued, Ordering::AcqRel);
+        Ok(())
     }
 
     // ---- checkpoints ------------------------------------------------------
@@ -1456,5 +1509,84 @@ mod change_feed_tests {
         store.commit_batch(ws, &batch, 4, true).unwrap();
         let c = store.changes_since(ws, 2, 10).unwrap();
         assert_eq!((c.entries.len(), c.covered, c.head), (1, 3, 3));
+    }
+
+    /// Version counters only grow, across workspaces, their removal and
+    /// restarts: a device that joins a workspace again never makes a
+    /// version older than one it made before.
+    #[test]
+    fn version_counters_outlive_workspaces_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let record = WorkspaceRecord {
+            id: WorkspaceId([7; 16]),
+            name: "w".into(),
+            path: "/w".into(),
+            state: WorkspaceState::Active,
+            next_sequence: 1,
+            created_ms: 0,
+        };
+        let me = mariesync_protocol::DeviceKey(1);
+        let versioned = |version: VersionVector| IndexedFile {
+            entry: FileEntry {
+                path: RelPath::new("f").unwrap(),
+                kind: FileKind::Directory,
+                size: 0,
+                mtime_ns: 0,
+                executable: false,
+                content_hash: ChunkHash::of(b""),
+                chunks: vec![],
+                symlink_target: None,
+                deleted: false,
+                version,
+                sequence: 1,
+                modified_by: String::new(),
+            },
+            stat: None,
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            let ws = store.add_workspace(&record).unwrap();
+            let mut version = VersionVector::new();
+            for expected in 1..=3 {
+                let counter = store.issue_version_counter(&version);
+                assert_eq!(counter, expected);
+                version.bump_at(me, counter);
+            }
+            // A counter issued for a fresh vector still moves past them.
+            assert_eq!(store.issue_version_counter(&VersionVector::new()), 4);
+            let batch = Batch {
+                upserts: vec![versioned(version)],
+                ..Default::default()
+            };
+            store.commit_batch(ws, &batch, 2, true).unwrap();
+            store.remove_workspace(ws).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.issue_version_counter(&VersionVector::new()), 5);
+        // A vector ahead of everything issued here: past it.
+        let mut ahead = VersionVector::new();
+        ahead.bump_at(mariesync_protocol::DeviceKey(2), 40);
+        assert_eq!(store.issue_version_counter(&ahead), 41);
+
+        // A database from before counters were saved: the index's highest.
+        let old = dir.path().join("old.redb");
+        {
+            let store = Store::open(&old).unwrap();
+            let ws = store.add_workspace(&record).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut files = txn.open_table(FILES).unwrap();
+                let mut version = VersionVector::new();
+                version.bump_at(me, 17);
+                let file = versioned(version);
+                files
+                    .insert((ws, "f"), records::encode(&file).as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&old).unwrap();
+        assert_eq!(store.issue_version_counter(&VersionVector::new()), 18);
     }
 }
