@@ -1274,6 +1274,11 @@ impl Daemon {
                 if let Some(error) = &status.last_error {
                     v["last_error"] = error.clone().into();
                 }
+                v["not_applied"] = status
+                    .not_applied
+                    .iter()
+                    .map(|(path, message)| json!({"path": path, "message": message}))
+                    .collect();
             }
             out.push(v);
         }

@@ -5,7 +5,7 @@
 //! The worker's loop is one `match` over the closed [`Job`] enum: watcher
 //! batches, IPC requests, and the periodic safety rescan.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -47,6 +47,8 @@ const CHANGE_EVENTS_MAX: usize = 1000;
 /// From this many files in one apply, their bytes are made durable with one
 /// syncfs instead of an fsync each.
 const BATCH_SYNC_FILES_MIN: usize = 8;
+/// Paths listed in `status` as not applied (the count goes on).
+const NOT_APPLIED_LISTED_MAX: usize = 100;
 
 pub type Reply = oneshot::Sender<Result<Value, RpcError>>;
 
@@ -101,6 +103,9 @@ pub struct Status {
     pub skipped: Vec<String>,
     pub case_clashes: Vec<(String, String)>,
     pub last_error: Option<String>,
+    /// Paths whose version from a peer could not be written yet, and why
+    /// (at most [`NOT_APPLIED_LISTED_MAX`]).
+    pub not_applied: BTreeMap<String, String>,
     /// Counts over the index; None when they must be recounted.
     pub totals: Option<Totals>,
     /// Moves each time the index changes: counts read from the store are
@@ -118,6 +123,7 @@ impl Status {
             skipped: Vec::new(),
             case_clashes: Vec::new(),
             last_error: None,
+            not_applied: BTreeMap::new(),
             totals: None,
             totals_epoch: 0,
         }
@@ -899,6 +905,11 @@ impl Worker {
         let synced_ms = started.elapsed().as_millis() as u64;
         let mut touched_dirs = BTreeSet::new();
         let mut received: Vec<(&str, Value)> = Vec::new();
+        // Paths decided in this batch, and those that could not be written
+        // (a full disk, a directory in the way): listed in `status` as
+        // `not_applied` until a later batch settles them.
+        let mut settled: Vec<RelPath> = Vec::new();
+        let mut failures: Vec<(RelPath, String)> = Vec::new();
         for remote in entries.into_iter().chain(dir_deletions) {
             if !valid_remote(&remote) {
                 tracing::warn!(path = %remote.path, "ignoring an invalid entry from a peer");
@@ -909,6 +920,7 @@ impl Worker {
                 .map_err(store_err)?;
             let local_entry = local.as_ref().map(|l| &l.entry);
             let decision = sync::decide(local_entry, &remote);
+            settled.push(remote.path.clone());
             let outcome = match &decision {
                 sync::Decision::Ignore => continue,
                 sync::Decision::Apply => match prewritten.remove(&remote.path) {
@@ -924,6 +936,7 @@ impl Worker {
                         if let Err(e) = move_aside(&root, local, path) {
                             tracing::warn!("cannot keep our conflicting version as {path}: {e}");
                             fail(remote.sequence);
+                            failures.push((remote.path.clone(), e.to_string()));
                             continue;
                         }
                         rescan.push(path.clone());
@@ -951,6 +964,7 @@ impl Worker {
                                 e.1
                             );
                             fail(remote.sequence);
+                            failures.push((remote.path.clone(), e.1.to_string()));
                             continue;
                         }
                         rescan.push(path.clone());
@@ -1001,6 +1015,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(workspace = %self.shared.name, "not applied yet: {e}");
                     fail(remote.sequence);
+                    failures.push((remote.path.clone(), e.to_string()));
                 }
             }
         }
@@ -1041,6 +1056,7 @@ impl Worker {
         for (kind, event) in received {
             self.context.events.publish(kind, event);
         }
+        self.note_not_applied(&settled, failures);
         drop(references);
         if !batch.upserts.is_empty() {
             self.shared.update(Status::invalidate_totals);
@@ -1050,6 +1066,52 @@ impl Worker {
             let _ = self.scan(Scope::Paths(rescan), false);
         }
         Ok(first_failed)
+    }
+
+    /// Updates `status`'s `not_applied` after a batch: paths it settled
+    /// leave the list, paths that failed join it, with an `error` event the
+    /// first time a path fails for a reason (not at every retry).
+    fn note_not_applied(&self, settled: &[RelPath], failures: Vec<(RelPath, String)>) {
+        if failures.is_empty()
+            && self
+                .shared
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .not_applied
+                .is_empty()
+        {
+            return;
+        }
+        let mut news = Vec::new();
+        let failed: BTreeSet<RelPath> = failures.iter().map(|(path, _)| path.clone()).collect();
+        self.shared.update(|s| {
+            for path in settled.iter().filter(|path| !failed.contains(path)) {
+                s.not_applied.remove(path.as_str());
+            }
+            for (path, message) in failures {
+                let known = s.not_applied.get(path.as_str()) == Some(&message);
+                if !known
+                    && (s.not_applied.len() < NOT_APPLIED_LISTED_MAX
+                        || s.not_applied.contains_key(path.as_str()))
+                {
+                    s.not_applied.insert(path.to_string(), message.clone());
+                }
+                if !known {
+                    news.push((path, message));
+                }
+            }
+        });
+        for (path, message) in news {
+            self.context.events.publish(
+                event_kind::ERROR,
+                json!({
+                    "workspace_id": self.shared.id.to_string(),
+                    "path": path.as_str(),
+                    "message": format!("cannot apply a peer's version of {path}: {message}"),
+                }),
+            );
+        }
     }
 
     /// Forgets the stat cache of entries whose chunks are gone, then scans:

@@ -838,6 +838,47 @@ impl Drop for Lan {
     }
 }
 
+/// A tmpfs of a given size mounted on a directory (root only), for full
+/// disks; unmounted when dropped.
+pub struct SmallDisk {
+    pub path: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(path: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs on {}", path.display());
+        SmallDisk {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Gives it room again (`mount -o remount,size=...`).
+    pub fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "resizing the tmpfs on {}",
+            self.path.display()
+        );
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// Root privileges, for tests that need them; prints why a test is skipped.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
