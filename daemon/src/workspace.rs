@@ -39,6 +39,7 @@ const RESCAN_DEGRADED_MS: u64 = 30 * 1000;
 /// How often a paused workspace checks whether its root came back.
 const PAUSED_RECHECK_MS: u64 = 2 * 1000;
 const RETRY_UNSTABLE_MS: u64 = 250;
+const RETRY_FAILED_SCAN_MS: u64 = 2000;
 /// How long a flush waits for its cookie to come back through the watcher
 /// before it falls back to a full rescan.
 const COOKIE_TIMEOUT_MS: u64 = 2000;
@@ -454,6 +455,17 @@ impl Worker {
     fn timeout(&self) -> Duration {
         Duration::from_millis(if !self.retry.is_empty() {
             RETRY_UNSTABLE_MS
+        } else if self
+            .shared
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_error
+            .is_some()
+        {
+            // A scan failed on the store (a full disk): again soon, as the
+            // changes it missed have no event left to bring them.
+            RETRY_FAILED_SCAN_MS
         } else if self.is_paused() {
             PAUSED_RECHECK_MS
         } else if self.degraded() {

@@ -234,15 +234,44 @@ impl Settings {
     }
 
     /// After a store failure the documents in memory may hold what the
-    /// store does not: nothing is served or changed until a restart.
+    /// store does not: nothing is served or changed until they are read
+    /// again from the store (tried on use, once it is open again).
     fn check_failed(&self) -> Result<(), RpcError> {
         if self.failed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(RpcError::new(
                 ErrorCode::StoreFailed,
-                "settings are read-only after a storage failure; restart the daemon",
+                "settings are read-only after a storage failure until the database opens again",
             ));
         }
         Ok(())
+    }
+
+    /// Reads every document again after a store failure, if the store
+    /// reads again; the in-memory ones are dropped, sync sessions restart.
+    fn recover(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut state = self.lock();
+        let mut loaded = Vec::new();
+        for kind in [DocKind::Settings, DocKind::Devices] {
+            let parts = match self.store.doc_parts(kind.name()) {
+                Ok(parts) => parts,
+                Err(_) => return,
+            };
+            match Doc::load(kind, actor_of(&self.device_id), &parts) {
+                Ok(doc) => loaded.push((kind, doc, parts.len() as u64)),
+                Err(_) => return,
+            }
+        }
+        for (kind, doc, parts) in loaded {
+            *state.doc(kind) = doc;
+            state.parts.insert(kind, parts);
+        }
+        state.peers.clear();
+        self.failed.store(false, Ordering::Release);
+        tracing::info!("settings are read again from the store and accept changes");
     }
 
     fn reload(&self, state: &mut State, kind: DocKind) {
@@ -272,6 +301,7 @@ impl Settings {
         edits: &[Edit],
         summary: &str,
     ) -> Result<Option<Committed>, RpcError> {
+        self.recover();
         let committed = {
             let mut state = self.lock();
             let before = state.doc(kind).entries();
@@ -584,6 +614,7 @@ impl Settings {
 
     async fn sync_doc(self: &Arc<Self>, peer: PeerId, kind: DocKind) -> Result<(), String> {
         let network = self.network.get().ok_or("no network")?.clone();
+        self.recover();
         self.check_failed().map_err(|e| e.message)?;
         for _ in 0..SESSION_ROUNDS_MAX {
             let (message, new_session) = {
@@ -620,6 +651,7 @@ impl Settings {
     /// The sync protocol's `Settings` request (blocking: it stores).
     pub fn serve(&self, peer: PeerId, doc: &str, new_session: bool, message: &[u8]) -> Response {
         let error = |message: String| Response::Error { message };
+        self.recover();
         if let Err(e) = self.check_failed() {
             return error(e.message);
         }

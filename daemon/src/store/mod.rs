@@ -6,17 +6,20 @@
 //! collection runs inside one write transaction, so no reader ever sees an
 //! entry whose chunks are missing.
 //!
-//! **Architecture Invariant:** fail-stop. After a failed commit the store
-//! refuses further writes (`StoreError::Failed`) until the daemon restarts; a
-//! store we could not write is not a store we keep writing to.
+//! **Architecture Invariant:** fail-stop, then reopen. After a failed commit
+//! (a full disk, an I/O error) the database handle is dropped, never written
+//! through again: calls fail with `StoreError::Failed` until the database
+//! opens again from disk (tried at most once a second, on use), which is
+//! what a restart of the daemon would do: redb recovers the last durable
+//! commit, and the in-memory marks are read again from it.
 
 mod chunks;
 mod records;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use mariesync_protocol::{CheckpointId, ChunkHash, FileEntry, RelPath, WorkspaceId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -81,7 +84,9 @@ const COUNTER_KEY: &str = "version/counter";
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] redb::Error),
-    #[error("the store stopped accepting writes after an earlier failure; restart the daemon")]
+    #[error(
+        "the database failed a write (a full disk?) and is not open again yet; it is tried again every second"
+    )]
     Failed,
     #[error("chunk {hash} is corrupt: {reason}")]
     CorruptChunk { hash: ChunkHash, reason: String },
@@ -119,8 +124,14 @@ struct Marks {
 }
 
 pub struct Store {
-    db: Database,
+    /// None between dropping a failed handle and opening the file again.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+    path: std::path::PathBuf,
     failed: AtomicBool,
+    /// When the database may next be opened again after a failure.
+    reopen_at: Mutex<Option<std::time::Instant>>,
+    /// Held by a write transaction from its start to its commit.
+    writer: Mutex<()>,
     /// Serialises read-modify-write of workspace records across workers.
     workspace_lock: Mutex<()>,
     /// Held shared by everyone between deciding "the store has this chunk"
@@ -200,21 +211,13 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         // A new file goes through redb's recovery path too: only an existing
         // database being repaired is news.
-        let announced = std::cell::Cell::new(!path.exists());
-        let db = Database::builder()
-            .set_repair_callback(move |session| {
-                if !announced.replace(true) {
-                    tracing::warn!(
-                        "the database was not closed cleanly; checking and repairing it"
-                    );
-                }
-                tracing::debug!("database repair {:.0}%", session.progress() * 100.0);
-            })
-            .set_cache_size(8 * 1024 * 1024)
-            .create(path)?;
+        let db = open_database(path)?;
         let store = Store {
-            db,
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+            path: path.to_path_buf(),
             failed: AtomicBool::new(false),
+            reopen_at: Mutex::new(None),
+            writer: Mutex::new(()),
             workspace_lock: Mutex::new(()),
             references: std::sync::RwLock::new(()),
             marks: Mutex::new(Marks::default()),
@@ -223,23 +226,76 @@ impl Store {
             counter_saved: AtomicU64::new(0),
         };
         store.init()?;
-        let counter = store.saved_version_counter()?;
-        store.counter_issued.store(counter, Ordering::Release);
-        store.counter_saved.store(counter, Ordering::Release);
-        // Everything found at open is durable.
-        for (number, record) in store.workspaces()? {
-            store
-                .marks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .durable
-                .insert(number, record.next_sequence);
-        }
+        store.load_marks()?;
         Ok(store)
     }
 
+    /// The in-memory state that follows the database, read from it (at
+    /// open, and when it opens again after a failure).
+    fn load_marks(&self) -> Result<()> {
+        let counter = self.saved_version_counter()?;
+        self.counter_issued.fetch_max(counter, Ordering::AcqRel);
+        self.counter_saved.store(counter, Ordering::Release);
+        // Everything found at open is durable.
+        let workspaces = self.workspaces()?;
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        *marks = Marks::default();
+        for (number, record) in workspaces {
+            marks.durable.insert(number, record.next_sequence);
+        }
+        Ok(())
+    }
+
+    /// The database, opened again first if a commit failed (at most once
+    /// a second; a handle still in use by a reader keeps the file locked
+    /// until it is done, and the next call tries again).
+    fn db(&self) -> Result<Arc<Database>> {
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen();
+        }
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|_| !self.failed.load(Ordering::Acquire))
+            .ok_or(StoreError::Failed)
+    }
+
+    fn reopen(&self) {
+        let now = std::time::Instant::now();
+        {
+            let mut at = self.reopen_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|at| now < at) {
+                return;
+            }
+            *at = Some(now + std::time::Duration::from_secs(1));
+        }
+        // No lock but the slot's: a commit that failed may hold others.
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if !self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        // Ours goes; readers still holding the old one keep it until done.
+        slot.take();
+        match open_database(&self.path) {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                self.failed.store(false, Ordering::Release);
+                drop(slot);
+                match self.load_marks() {
+                    Ok(()) => tracing::info!("the database is open again and accepts writes"),
+                    Err(e) => {
+                        self.failed.store(true, Ordering::Release);
+                        tracing::warn!("the database opened again but cannot be read: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("the database does not open again yet: {e}"),
+        }
+    }
+
     fn init(&self) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write()?;
         {
             // The schema is checked before any table is opened with this
             // build's types.
@@ -270,7 +326,7 @@ impl Store {
     /// before it was saved, the highest counter in the index (it is at
     /// least that; saved with the next commit of a scan).
     fn saved_version_counter(&self) -> Result<u64> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         if let Some(saved) = txn.open_table(META)?.get(COUNTER_KEY)? {
             return Ok(u64_from(saved.value()));
         }
@@ -299,24 +355,29 @@ impl Store {
         previous.max(top) + 1
     }
 
-    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+    fn begin_write(&self) -> Result<Write<'_>> {
         self.begin_write_with(Durability::Immediate)
     }
 
-    fn begin_write_with(&self, durability: Durability) -> Result<redb::WriteTransaction> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Failed);
-        }
-        let mut txn = self.db.begin_write()?;
+    /// A write transaction, with the store's writer lock held until it is
+    /// committed or dropped: a writer that waited while another's commit
+    /// failed must not write through the failed handle (redb asserts on
+    /// it), and it sees `failed` once it has the lock.
+    fn begin_write_with(&self, durability: Durability) -> Result<Write<'_>> {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut txn = self.db()?.begin_write()?;
         txn.set_durability(durability)
             .map_err(|e| StoreError::Record(e.to_string()))?;
-        Ok(txn)
+        Ok(Write {
+            txn,
+            _writer: writer,
+        })
     }
 
     /// A durable commit makes every earlier non-durable one durable too.
     fn commit_marked(
         &self,
-        txn: redb::WriteTransaction,
+        txn: Write<'_>,
         durable: bool,
         workspace_next: Option<(u32, u64)>,
     ) -> Result<()> {
@@ -336,10 +397,13 @@ impl Store {
         Ok(())
     }
 
-    fn commit(&self, txn: redb::WriteTransaction) -> Result<()> {
+    fn commit(&self, txn: Write<'_>) -> Result<()> {
+        let Write { txn, _writer } = txn;
         txn.commit().map_err(|e| {
             self.failed.store(true, Ordering::Release);
-            tracing::error!("database commit failed, the store is now read-only: {e}");
+            tracing::error!(
+                "database commit failed; no more writes until the database opens again: {e}"
+            );
             StoreError::from(e)
         })
     }
@@ -351,7 +415,7 @@ impl Store {
     // ---- metadata ---------------------------------------------------------
 
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(META)?;
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
@@ -362,7 +426,7 @@ impl Store {
 
     /// Every metadata entry whose key starts with `prefix`.
     pub fn meta_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(META)?;
         let mut out = Vec::new();
         for row in table.range(prefix..)? {
@@ -400,7 +464,7 @@ impl Store {
     // ---- workspaces -------------------------------------------------------
 
     pub fn workspaces(&self) -> Result<Vec<(u32, WorkspaceRecord)>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(WORKSPACES)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -411,7 +475,7 @@ impl Store {
     }
 
     pub fn workspace(&self, number: u32) -> Result<Option<WorkspaceRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(WORKSPACES)?;
         table
             .get(number)?
@@ -493,14 +557,14 @@ impl Store {
     // ---- chunks -----------------------------------------------------------
 
     pub fn has_chunk(&self, hash: &ChunkHash) -> Result<bool> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(CHUNK_INFO)?;
         Ok(table.get(hash.0)?.is_some())
     }
 
     /// A read snapshot for many chunk lookups in a row.
     pub fn reader(&self) -> Result<ChunkReader> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         Ok(ChunkReader {
             info: txn.open_table(CHUNK_INFO)?,
             data: txn.open_table(CHUNK_DATA)?,
@@ -508,7 +572,7 @@ impl Store {
     }
 
     pub fn stats(&self) -> Result<StoreStats> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(CHUNK_INFO)?;
         let mut stats = StoreStats::default();
         for row in table.iter()? {
@@ -534,7 +598,7 @@ impl Store {
                 stats.database_metadata_bytes = db.metadata_bytes();
                 stats.database_fragmented_bytes = db.fragmented_bytes();
             }
-            let _ = txn.abort();
+            let _ = txn.txn.abort();
         }
         Ok(stats)
     }
@@ -629,7 +693,7 @@ impl Store {
     // ---- the file index ---------------------------------------------------
 
     pub fn file(&self, workspace: u32, path: &str) -> Result<Option<IndexedFile>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(FILES)?;
         table
             .get((workspace, path))?
@@ -640,7 +704,7 @@ impl Store {
     /// Every entry of a workspace (tombstones included) in path order, or
     /// those at or below `prefix`.
     pub fn files(&self, workspace: u32, prefix: Option<&RelPath>) -> Result<Vec<IndexedFile>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(FILES)?;
         let mut out = Vec::new();
         match prefix {
@@ -731,7 +795,7 @@ impl Store {
     // ---- checkpoints ------------------------------------------------------
 
     pub fn checkpoints(&self, workspace: u32) -> Result<Vec<CheckpointRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(CHECKPOINTS)?;
         let mut out = Vec::new();
         for row in table.range((workspace, 0)..(workspace + 1, 0))? {
@@ -742,7 +806,7 @@ impl Store {
     }
 
     pub fn checkpoint(&self, workspace: u32, id: CheckpointId) -> Result<Option<CheckpointRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(CHECKPOINTS)?;
         table
             .get((workspace, id.0))?
@@ -792,7 +856,7 @@ impl Store {
             .get(&workspace)
             .copied()
             .unwrap_or(1);
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let sequences = txn.open_table(SEQUENCES)?;
         let files = txn.open_table(FILES)?;
         let mut out = Vec::new();
@@ -824,7 +888,7 @@ impl Store {
     // ---- trusted peers ----------------------------------------------------
 
     pub fn peers(&self) -> Result<Vec<(String, PeerRecord)>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(PEERS)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -835,7 +899,7 @@ impl Store {
     }
 
     pub fn peer(&self, device_id: &str) -> Result<Option<PeerRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(PEERS)?;
         table
             .get(device_id)?
@@ -862,7 +926,7 @@ impl Store {
 
     /// The stored parts of a document, in load order.
     pub fn doc_parts(&self, doc: &str) -> Result<Vec<Vec<u8>>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(SETTINGS_DOCS)?;
         let mut out = Vec::new();
         for row in table.range((doc, 0)..=(doc, u64::MAX))? {
@@ -1054,7 +1118,7 @@ impl Store {
         mut f: impl FnMut(ChunkHash, u32, &str),
     ) -> Result<Vec<(CheckpointId, String)>> {
         let mut broken = Vec::new();
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let files = txn.open_table(FILES)?;
         for row in files.iter()? {
             let (_, v) = row?;
@@ -1097,6 +1161,42 @@ impl Store {
         let mut db = Database::create(path)?;
         Ok(db.check_integrity()?)
     }
+}
+
+/// A write transaction and the store's writer lock (see
+/// `Store::begin_write_with`).
+struct Write<'a> {
+    txn: redb::WriteTransaction,
+    _writer: std::sync::MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Write<'_> {
+    type Target = redb::WriteTransaction;
+
+    fn deref(&self) -> &redb::WriteTransaction {
+        &self.txn
+    }
+}
+
+impl std::ops::DerefMut for Write<'_> {
+    fn deref_mut(&mut self) -> &mut redb::WriteTransaction {
+        &mut self.txn
+    }
+}
+
+fn open_database(path: &Path) -> Result<Database> {
+    // A new file goes through redb's recovery path too: only an existing
+    // database being repaired is news.
+    let announced = std::cell::Cell::new(!path.exists());
+    Ok(Database::builder()
+        .set_repair_callback(move |session| {
+            if !announced.replace(true) {
+                tracing::warn!("the database was not closed cleanly; checking and repairing it");
+            }
+            tracing::debug!("database repair {:.0}%", session.progress() * 100.0);
+        })
+        .set_cache_size(8 * 1024 * 1024)
+        .create(path)?)
 }
 
 /// Writes the chunks the store lacks as one new pack.
@@ -1574,7 +1674,7 @@ mod change_feed_tests {
         {
             let store = Store::open(&old).unwrap();
             let ws = store.add_workspace(&record).unwrap();
-            let txn = store.db.begin_write().unwrap();
+            let txn = store.db().unwrap().begin_write().unwrap();
             {
                 let mut files = txn.open_table(FILES).unwrap();
                 let mut version = VersionVector::new();
