@@ -69,9 +69,13 @@ impl std::future::Future for ApplyAnswer {
 /// The answer to a request about a workspace not shared with `peer`.
 fn refused(workspace: WorkspaceId, peer: PeerId) -> Response {
     Response::Error {
-        message: format!("workspace {workspace} is not shared with {peer}"),
+        message: format!("workspace {workspace} {NOT_SHARED} with {peer}"),
     }
 }
+
+/// In the answers of a device that does not have the workspace (yet): it
+/// has not accepted an offer, or does not count us as a member.
+const NOT_SHARED: &str = "is not shared";
 
 /// A pull's applying: at most one group with the worker at a time, and
 /// how far the peer's index is applied here.
@@ -171,8 +175,8 @@ enum Arrival {
 struct Running {
     again: bool,
     pushed: Option<Box<Pushed>>,
-    /// Cuts a retry's wait short: the peer just showed it is there and
-    /// has news (it announced a change, or started pulling from us).
+    /// Cuts the wait after a refusal short: the peer just showed it has
+    /// the workspace now (it announced a change, or pulls from us).
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -378,7 +382,7 @@ impl Replicator {
                 }
                 let Some(number) = daemon.workspace_number(workspace) else {
                     return Response::Error {
-                        message: format!("workspace {workspace} is not shared here"),
+                        message: format!("workspace {workspace} {NOT_SHARED} here"),
                     };
                 };
                 {
@@ -637,16 +641,17 @@ impl Replicator {
                 if let Err(e) = self.pull_once(workspace, peer).await {
                     tracing::debug!(%peer, %workspace, "pull stopped: {e}");
                     // Again later while the peer is there: a busy peer, a
-                    // file being saved, a full disk all pass. Sooner if
-                    // the peer announces a change meanwhile (one that
-                    // refused us because it had not accepted the
-                    // workspace yet, say, and now has).
+                    // file being saved, a full disk all pass. A peer that
+                    // refused us for not having the workspace is asked
+                    // again as soon as it shows it has it (it pulls from
+                    // us, or announces a change); other failures wait.
                     if self.network.snapshot(|s| s.connected.contains_key(&peer)) {
                         let wake = self
                             .running
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get(&(workspace, peer))
+                            .filter(|_| e.contains(NOT_SHARED))
                             .map(|run| run.wake.clone());
                         match wake {
                             Some(wake) => {

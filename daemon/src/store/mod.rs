@@ -233,9 +233,10 @@ impl Store {
     /// The in-memory state that follows the database, read from it (at
     /// open, and when it opens again after a failure).
     fn load_marks(&self) -> Result<()> {
-        let counter = self.saved_version_counter()?;
+        let (counter, saved) = self.saved_version_counter()?;
         self.counter_issued.fetch_max(counter, Ordering::AcqRel);
-        self.counter_saved.store(counter, Ordering::Release);
+        self.counter_saved
+            .store(if saved { counter } else { 0 }, Ordering::Release);
         // Everything found at open is durable.
         let workspaces = self.workspaces()?;
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
@@ -322,13 +323,13 @@ impl Store {
         self.commit(txn)
     }
 
-    /// The highest version counter issued, as saved; for a database from
-    /// before it was saved, the highest counter in the index (it is at
-    /// least that; saved with the next commit of a scan).
-    fn saved_version_counter(&self) -> Result<u64> {
+    /// The highest version counter issued, and whether it is saved; for a
+    /// database from before it was saved, the highest counter in the
+    /// index (it is at least that; saved with the next commit).
+    fn saved_version_counter(&self) -> Result<(u64, bool)> {
         let txn = self.db()?.begin_read()?;
         if let Some(saved) = txn.open_table(META)?.get(COUNTER_KEY)? {
-            return Ok(u64_from(saved.value()));
+            return Ok((u64_from(saved.value()), true));
         }
         let mut top = 0;
         for row in txn.open_table(FILES)?.iter()? {
@@ -336,7 +337,7 @@ impl Store {
             let file: IndexedFile = records::decode(value.value())?;
             top = top.max(file.entry.version.top());
         }
-        Ok(top)
+        Ok((top, false))
     }
 
     /// The counter for a new version this device makes of `version`: past
@@ -1671,7 +1672,7 @@ mod change_feed_tests {
 
         // A database from before counters were saved: the index's highest.
         let old = dir.path().join("old.redb");
-        {
+        let ws = {
             let store = Store::open(&old).unwrap();
             let ws = store.add_workspace(&record).unwrap();
             let txn = store.db().unwrap().begin_write().unwrap();
@@ -1685,8 +1686,15 @@ mod change_feed_tests {
                     .unwrap();
             }
             txn.commit().unwrap();
+            ws
+        };
+        {
+            let store = Store::open(&old).unwrap();
+            assert_eq!(store.issue_version_counter(&VersionVector::new()), 18);
+            // Saved from then on, with the next commit.
+            store.commit_batch(ws, &Batch::default(), 2, true).unwrap();
         }
         let store = Store::open(&old).unwrap();
-        assert_eq!(store.issue_version_counter(&VersionVector::new()), 18);
+        assert_eq!(store.issue_version_counter(&VersionVector::new()), 19);
     }
 }
