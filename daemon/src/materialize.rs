@@ -65,8 +65,6 @@ fn rand_u64() -> u64 {
     hasher.finish()
 }
 
-/// Writes one manifest entry (file or symlink) at its path, atomically.
-/// Directories are created by the caller.
 /// What must be at a path for a write to replace it: checked once before
 /// the write and again just before the rename, so a file saved meanwhile, or
 /// one the index never knew (an ignored file), is kept.
@@ -113,6 +111,8 @@ fn still_expected(path: &Path, expected: Expected) -> bool {
     }
 }
 
+/// Writes one manifest entry (file or symlink) at its path, atomically.
+/// Directories are created by the caller.
 pub fn write_entry(
     root: &Path,
     entry: &ManifestEntry,
@@ -376,4 +376,86 @@ fn symlink(_target: &str, _link: &Path) -> std::io::Result<()> {
     Err(std::io::Error::other(
         "symlinks are not supported on this platform",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use mariesync_protocol::{ChunkHash, FileKind, RelPath};
+
+    /// A new version (empty: no chunks needed) of `path`.
+    fn empty_version(path: &str) -> ManifestEntry {
+        ManifestEntry {
+            path: RelPath::new(path).unwrap(),
+            kind: FileKind::File,
+            size: 0,
+            mtime_ns: 0,
+            executable: false,
+            content_hash: ChunkHash::of(b""),
+            chunks: vec![],
+            symlink_target: None,
+        }
+    }
+
+    /// The user saves the file after the peer's version was written beside
+    /// it and before the rename: the save stays, the peer's version goes
+    /// (the scan of the save makes the conflict that keeps both).
+    #[test]
+    fn a_save_between_write_and_rename_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let reader = store.reader().unwrap();
+        let root = dir.path().join("ws");
+        std::fs::create_dir_all(&root).unwrap();
+        let target = root.join("notes.txt");
+        std::fs::write(&target, "as the index knows it\n").unwrap();
+        let expected = Expected::Present(Identity::of(&target).unwrap());
+
+        let prepared = prepare_entry(
+            &root,
+            &empty_version("notes.txt"),
+            &reader,
+            Durability::Fsync,
+        )
+        .unwrap();
+        std::fs::write(&target, "saved meanwhile\n").unwrap();
+        assert!(prepared.finish(expected).is_err());
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "saved meanwhile\n"
+        );
+
+        // A file created where there was none: kept too.
+        let new = root.join("new.txt");
+        let prepared =
+            prepare_entry(&root, &empty_version("new.txt"), &reader, Durability::Fsync).unwrap();
+        std::fs::write(&new, "created meanwhile\n").unwrap();
+        assert!(prepared.finish(Expected::Absent).is_err());
+        assert_eq!(
+            std::fs::read_to_string(&new).unwrap(),
+            "created meanwhile\n"
+        );
+
+        // Untouched: replaced. No temporary file is left either way.
+        let expected = Expected::Present(Identity::of(&target).unwrap());
+        prepare_entry(
+            &root,
+            &empty_version("notes.txt"),
+            &reader,
+            Durability::Fsync,
+        )
+        .unwrap()
+        .finish(expected)
+        .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"");
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with(".mariesync-tmp-")),
+            "{names:?}"
+        );
+    }
 }
