@@ -254,6 +254,11 @@ impl Store {
         if self.failed.load(Ordering::Acquire) {
             self.reopen();
         }
+        self.current_db()
+    }
+
+    /// The database as it is, if it has not failed.
+    fn current_db(&self) -> Result<Arc<Database>> {
         self.db
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -271,7 +276,10 @@ impl Store {
             }
             *at = Some(now + std::time::Duration::from_secs(1));
         }
-        // No lock but the slot's: a commit that failed may hold others.
+        // No commit until the marks follow the database again. Never
+        // called with the writer lock held: while a write transaction is
+        // open, no commit can fail, so `failed` stays false.
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
         if !self.failed.load(Ordering::Acquire) {
             return;
@@ -365,8 +373,13 @@ impl Store {
     /// failed must not write through the failed handle (redb asserts on
     /// it), and it sees `failed` once it has the lock.
     fn begin_write_with(&self, durability: Durability) -> Result<Write<'_>> {
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen();
+        }
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut txn = self.db()?.begin_write()?;
+        // The handle as of now: one fetched before the lock may be a
+        // failed one that another commit dropped meanwhile.
+        let mut txn = self.current_db()?.begin_write()?;
         txn.set_durability(durability)
             .map_err(|e| StoreError::Record(e.to_string()))?;
         Ok(Write {
