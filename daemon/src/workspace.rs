@@ -236,6 +236,7 @@ pub fn start(
         cancel: AtomicBool::new(false),
     });
     let (jobs, receiver) = mpsc::channel();
+    let store_generation = context.store.generation();
     let worker = Worker {
         context,
         shared: shared.clone(),
@@ -245,6 +246,9 @@ pub fn start(
         watched_root: None,
         queued: Default::default(),
         retry: BTreeSet::new(),
+        store_generation,
+        repair_due: None,
+        repair_backoff: Duration::from_millis(RETRY_FAILED_SCAN_MS),
     };
     let thread = std::thread::Builder::new()
         .name(format!("workspace-{number}"))
@@ -346,6 +350,14 @@ struct Worker {
     queued: std::collections::VecDeque<Job>,
     /// Files that changed while being read, to scan again shortly.
     retry: BTreeSet<RelPath>,
+    /// The store's generation this worker last saw (it moves when the
+    /// database opens again after a failure).
+    store_generation: u64,
+    /// A repair and full scan owed (a scan failed on the store, or the
+    /// database opened again and lost what was not durable), not before
+    /// this time; and the wait before the next try if it fails too.
+    repair_due: Option<Instant>,
+    repair_backoff: Duration,
 }
 
 impl Worker {
@@ -380,6 +392,7 @@ impl Worker {
             self.finish_interrupted_restore();
         }
         loop {
+            self.repair_if_due();
             let job = match self.queued.pop_front() {
                 Some(job) => job,
                 None => match self.receiver.recv_timeout(self.timeout()) {
@@ -435,7 +448,9 @@ impl Worker {
                     let result = self.restore(id);
                     let _ = reply.send(result);
                 }
-                Job::Repair => self.repair(),
+                Job::Repair => {
+                    self.repair();
+                }
                 Job::Apply { entries, reply } => {
                     let result = if self.is_paused() {
                         Err(self.paused_error())
@@ -453,19 +468,13 @@ impl Worker {
     }
 
     fn timeout(&self) -> Duration {
+        if let Some(due) = self.repair_due
+            && !self.is_paused()
+        {
+            return due.saturating_duration_since(Instant::now());
+        }
         Duration::from_millis(if !self.retry.is_empty() {
             RETRY_UNSTABLE_MS
-        } else if self
-            .shared
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_error
-            .is_some()
-        {
-            // A scan failed on the store (a full disk): again soon, as the
-            // changes it missed have no event left to bring them.
-            RETRY_FAILED_SCAN_MS
         } else if self.is_paused() {
             PAUSED_RECHECK_MS
         } else if self.degraded() {
@@ -473,6 +482,30 @@ impl Worker {
         } else {
             RESCAN_INTERVAL_MS
         })
+    }
+
+    /// Runs the repair and full scan owed, if it is time: after a scan
+    /// failed on the store (the changes it missed have no watcher event
+    /// left to bring them back), or after the database opened again (what
+    /// was not durable is gone: chunks an entry names, whole batches).
+    /// A failure waits twice as long for the next try, up to a minute.
+    fn repair_if_due(&mut self) {
+        let generation = self.context.store.generation();
+        if generation != self.store_generation {
+            self.store_generation = generation;
+            self.repair_due = Some(Instant::now());
+        }
+        let Some(due) = self.repair_due else { return };
+        if Instant::now() < due || self.is_paused() {
+            return;
+        }
+        if self.repair() {
+            self.repair_due = None;
+            self.repair_backoff = Duration::from_millis(RETRY_FAILED_SCAN_MS);
+        } else {
+            self.repair_due = Some(Instant::now() + self.repair_backoff);
+            self.repair_backoff = (self.repair_backoff * 2).min(Duration::from_secs(60));
+        }
     }
 
     /// Nothing happened for a while: retry unstable files, re-check a paused
@@ -751,14 +784,22 @@ impl Worker {
             }
             Err(ScanError::Store(e)) => {
                 let error = store_rpc_error(&e);
+                let message = e.to_string();
+                let mut news = false;
                 self.shared.update(|s| {
                     s.activity = Activity::Idle;
-                    s.last_error = Some(e.to_string());
+                    news = s.last_error.as_ref() != Some(&message);
+                    s.last_error = Some(message.clone());
                 });
-                self.context.events.publish(
-                    event_kind::ERROR,
-                    json!({"workspace_id": self.shared.id.to_string(), "message": e.to_string()}),
-                );
+                if news {
+                    self.context.events.publish(
+                        event_kind::ERROR,
+                        json!({"workspace_id": self.shared.id.to_string(), "message": message}),
+                    );
+                }
+                if self.repair_due.is_none() {
+                    self.repair_due = Some(Instant::now() + self.repair_backoff);
+                }
                 Err(error)
             }
         }
@@ -1127,8 +1168,9 @@ impl Worker {
     }
 
     /// Forgets the stat cache of entries whose chunks are gone, then scans:
-    /// files that still have that content store it again.
-    fn repair(&mut self) {
+    /// files that still have that content store it again. True if the
+    /// scan went through.
+    fn repair(&mut self) -> bool {
         let store = &self.context.store;
         let number = self.shared.number;
         let outcome = (|| -> Result<(), StoreError> {
@@ -1164,8 +1206,9 @@ impl Worker {
         })();
         if let Err(e) = outcome {
             tracing::error!(workspace = %self.shared.name, "repair failed: {e}");
+            return false;
         }
-        let _ = self.scan(Scope::Full, false);
+        self.scan(Scope::Full, false).is_ok()
     }
 
     fn checkpoint(&mut self, message: String) -> Result<Value, RpcError> {

@@ -9,7 +9,7 @@
 //! **Architecture Invariant:** fail-stop, then reopen. After a failed commit
 //! (a full disk, an I/O error) the database handle is dropped, never written
 //! through again: calls fail with `StoreError::Failed` until the database
-//! opens again from disk (tried at most once a second, on use), which is
+//! opens again from disk (tried on use, 1 s apart, doubling to 30 s), which is
 //! what a restart of the daemon would do: redb recovers the last durable
 //! commit, and the in-memory marks are read again from it.
 
@@ -77,6 +77,8 @@ const SETTINGS_DOCS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new(
 const SCHEMA_VERSION: u32 = 4;
 /// In META: chunks and stored bytes ever received from peers (two u64 LE).
 const FETCHED_KEY: &str = "stats/fetched";
+const REOPEN_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const REOPEN_LAST: std::time::Duration = std::time::Duration::from_secs(30);
 /// In META: the highest version counter this device issued (u64 LE).
 const COUNTER_KEY: &str = "version/counter";
 
@@ -85,7 +87,7 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] redb::Error),
     #[error(
-        "the database failed a write (a full disk?) and is not open again yet; it is tried again every second"
+        "the database failed a write (a full disk?) and is not open again yet; it is tried again shortly"
     )]
     Failed,
     #[error("chunk {hash} is corrupt: {reason}")]
@@ -128,8 +130,10 @@ pub struct Store {
     db: std::sync::RwLock<Option<Arc<Database>>>,
     path: std::path::PathBuf,
     failed: AtomicBool,
-    /// When the database may next be opened again after a failure.
-    reopen_at: Mutex<Option<std::time::Instant>>,
+    /// When the database may next be opened again after a failure, and
+    /// the wait after that one if it fails too (1 s, doubling to 30 s: an
+    /// open may run redb's repair of the whole file).
+    reopen_at: Mutex<(Option<std::time::Instant>, std::time::Duration)>,
     /// Held by a write transaction from its start to its commit.
     writer: Mutex<()>,
     /// Serialises read-modify-write of workspace records across workers.
@@ -153,6 +157,8 @@ pub struct Store {
     /// [`Store::issue_version_counter`]).
     counter_issued: AtomicU64,
     counter_saved: AtomicU64,
+    /// Moves each time the database opens again after a failure.
+    generation: AtomicU64,
 }
 
 /// Chunks kept from GC until this is dropped.
@@ -216,7 +222,7 @@ impl Store {
             db: std::sync::RwLock::new(Some(Arc::new(db))),
             path: path.to_path_buf(),
             failed: AtomicBool::new(false),
-            reopen_at: Mutex::new(None),
+            reopen_at: Mutex::new((None, REOPEN_FIRST)),
             writer: Mutex::new(()),
             workspace_lock: Mutex::new(()),
             references: std::sync::RwLock::new(()),
@@ -224,6 +230,7 @@ impl Store {
             pinned: Mutex::new(HashMap::new()),
             counter_issued: AtomicU64::new(0),
             counter_saved: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         };
         store.init()?;
         store.load_marks()?;
@@ -233,13 +240,15 @@ impl Store {
     /// The in-memory state that follows the database, read from it (at
     /// open, and when it opens again after a failure).
     fn load_marks(&self) -> Result<()> {
+        // Under the marks' lock, which a commit holds until it has noted
+        // what it committed: none is noted after this reads the database.
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         let (counter, saved) = self.saved_version_counter()?;
         self.counter_issued.fetch_max(counter, Ordering::AcqRel);
         self.counter_saved
             .store(if saved { counter } else { 0 }, Ordering::Release);
         // Everything found at open is durable.
         let workspaces = self.workspaces()?;
-        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         *marks = Marks::default();
         for (number, record) in workspaces {
             marks.durable.insert(number, record.next_sequence);
@@ -247,14 +256,20 @@ impl Store {
         Ok(())
     }
 
-    /// The database, opened again first if a commit failed (at most once
-    /// a second; a handle still in use by a reader keeps the file locked
-    /// until it is done, and the next call tries again).
+    /// The database, opened again first if a commit failed (see
+    /// `reopen`).
     fn db(&self) -> Result<Arc<Database>> {
         if self.failed.load(Ordering::Acquire) {
             self.reopen();
         }
         self.current_db()
+    }
+
+    /// Moves each time the database opens again after a failure: what was
+    /// committed without durability before it may be gone (workers repair
+    /// their index when it moves).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The database as it is, if it has not failed.
@@ -271,10 +286,11 @@ impl Store {
         let now = std::time::Instant::now();
         {
             let mut at = self.reopen_at.lock().unwrap_or_else(|e| e.into_inner());
-            if at.is_some_and(|at| now < at) {
+            if at.0.is_some_and(|at| now < at) {
                 return;
             }
-            *at = Some(now + std::time::Duration::from_secs(1));
+            let wait = at.1;
+            *at = (Some(now + wait), (wait * 2).min(REOPEN_LAST));
         }
         // No commit until the marks follow the database again. Never
         // called with the writer lock held: while a write transaction is
@@ -284,13 +300,17 @@ impl Store {
         if !self.failed.load(Ordering::Acquire) {
             return;
         }
-        // Ours goes; readers still holding the old one keep it until done.
+        // Ours goes. A reader still holding the old handle gets errors, or
+        // what it had cached: chunk bytes are checked against their hashes
+        // where they are used, and the index is read afresh per call.
         slot.take();
         match open_database(&self.path) {
             Ok(db) => {
                 *slot = Some(Arc::new(db));
                 self.failed.store(false, Ordering::Release);
                 drop(slot);
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.reopen_at.lock().unwrap_or_else(|e| e.into_inner()).1 = REOPEN_FIRST;
                 match self.load_marks() {
                     Ok(()) => tracing::info!("the database is open again and accepts writes"),
                     Err(e) => {
@@ -379,7 +399,13 @@ impl Store {
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         // The handle as of now: one fetched before the lock may be a
         // failed one that another commit dropped meanwhile.
-        let mut txn = self.current_db()?.begin_write()?;
+        // An error here is the database's (a previous write failed inside
+        // a transaction): it opens again, as after a failed commit.
+        let mut txn = self.current_db()?.begin_write().map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!("cannot start a write; the database opens again: {e}");
+            e
+        })?;
         txn.set_durability(durability)
             .map_err(|e| StoreError::Record(e.to_string()))?;
         Ok(Write {
@@ -394,9 +420,13 @@ impl Store {
         txn: Write<'_>,
         durable: bool,
         workspace_next: Option<(u32, u64)>,
+        counter_saved: Option<u64>,
     ) -> Result<()> {
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         self.commit(txn)?;
+        if let Some(counter) = counter_saved {
+            self.counter_saved.fetch_max(counter, Ordering::AcqRel);
+        }
         if let Some((workspace, next)) = workspace_next {
             let pending = marks.pending.entry(workspace).or_insert(0);
             *pending = (*pending).max(next);
@@ -509,7 +539,7 @@ impl Store {
             number = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
             table.insert(number, records::encode(record).as_slice())?;
         }
-        self.commit_marked(txn, true, Some((number, record.next_sequence)))?;
+        self.commit_marked(txn, true, Some((number, record.next_sequence)), None)?;
         Ok(number)
     }
 
@@ -692,7 +722,7 @@ impl Store {
             value[8..].copy_from_slice(&bytes.to_le_bytes());
             meta.insert(FETCHED_KEY, value.as_slice())?;
         }
-        self.commit_marked(txn, durable, None)
+        self.commit_marked(txn, durable, None, None)
     }
 
     /// Commits chunks ahead of the entry that will reference them (a large
@@ -701,7 +731,7 @@ impl Store {
     pub fn commit_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
         let txn = self.begin_write_with(Durability::None)?;
         insert_chunks(&txn, chunks)?;
-        self.commit_marked(txn, false, None)
+        self.commit_marked(txn, false, None, None)
     }
 
     // ---- the file index ---------------------------------------------------
@@ -801,9 +831,7 @@ impl Store {
             txn.open_table(META)?
                 .insert(COUNTER_KEY, issued.to_le_bytes().as_slice())?;
         }
-        self.commit_marked(txn, durable, Some((workspace, next_after)))?;
-        self.counter_saved.fetch_max(issued, Ordering::AcqRel);
-        Ok(())
+        self.commit_marked(txn, durable, Some((workspace, next_after)), Some(issued))
     }
 
     // ---- checkpoints ------------------------------------------------------
