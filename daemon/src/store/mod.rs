@@ -1596,20 +1596,20 @@ mod change_feed_tests {
     use super::*;
     use mariesync_protocol::{FileKind, VersionVector};
 
-    #[test]
-    fn durable_entries_are_served_in_sequence_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.redb")).unwrap();
-        let record = WorkspaceRecord {
-            id: WorkspaceId([9; 16]),
+    fn record(id: u8) -> WorkspaceRecord {
+        WorkspaceRecord {
+            id: WorkspaceId([id; 16]),
             name: "w".into(),
             path: "/w".into(),
             state: WorkspaceState::Active,
             next_sequence: 1,
             created_ms: 0,
-        };
-        let ws = store.add_workspace(&record).unwrap();
-        let entry = |path: &str, sequence: u64| IndexedFile {
+        }
+    }
+
+    /// An entry for a directory (no chunks needed).
+    fn directory(path: &str, sequence: u64, version: VersionVector) -> IndexedFile {
+        IndexedFile {
             entry: FileEntry {
                 path: RelPath::new(path).unwrap(),
                 kind: FileKind::Directory,
@@ -1620,12 +1620,20 @@ mod change_feed_tests {
                 chunks: vec![],
                 symlink_target: None,
                 deleted: false,
-                version: VersionVector::new(),
+                version,
                 sequence,
                 modified_by: String::new(),
             },
             stat: None,
-        };
+        }
+    }
+
+    #[test]
+    fn durable_entries_are_served_in_sequence_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let ws = store.add_workspace(&record(9)).unwrap();
+        let entry = |path: &str, sequence: u64| directory(path, sequence, VersionVector::new());
         let batch = Batch {
             upserts: vec![entry("a", 1), entry("b", 2)],
             ..Default::default()
@@ -1660,32 +1668,9 @@ mod change_feed_tests {
     fn version_counters_outlive_workspaces_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let record = WorkspaceRecord {
-            id: WorkspaceId([7; 16]),
-            name: "w".into(),
-            path: "/w".into(),
-            state: WorkspaceState::Active,
-            next_sequence: 1,
-            created_ms: 0,
-        };
+        let record = record(7);
         let me = mariesync_protocol::DeviceKey(1);
-        let versioned = |version: VersionVector| IndexedFile {
-            entry: FileEntry {
-                path: RelPath::new("f").unwrap(),
-                kind: FileKind::Directory,
-                size: 0,
-                mtime_ns: 0,
-                executable: false,
-                content_hash: ChunkHash::of(b""),
-                chunks: vec![],
-                symlink_target: None,
-                deleted: false,
-                version,
-                sequence: 1,
-                modified_by: String::new(),
-            },
-            stat: None,
-        };
+        let versioned = |version: VersionVector| directory("f", 1, version);
         {
             let store = Store::open(&path).unwrap();
             let ws = store.add_workspace(&record).unwrap();
