@@ -256,12 +256,8 @@ impl Settings {
         let mut state = self.lock();
         let mut loaded = Vec::new();
         for kind in [DocKind::Settings, DocKind::Devices] {
-            let parts = match self.store.doc_parts(kind.name()) {
-                Ok(parts) => parts,
-                Err(_) => return,
-            };
-            match Doc::load(kind, actor_of(&self.device_id), &parts) {
-                Ok(doc) => loaded.push((kind, doc, parts.len() as u64)),
+            match self.load_stored(kind) {
+                Ok((doc, parts)) => loaded.push((kind, doc, parts)),
                 Err(_) => return,
             }
         }
@@ -274,16 +270,19 @@ impl Settings {
         tracing::info!("settings are read again from the store and accept changes");
     }
 
-    fn reload(&self, state: &mut State, kind: DocKind) {
-        let loaded = self
+    /// A document as the store has it, and how many parts it is in.
+    fn load_stored(&self, kind: DocKind) -> Result<(Doc, u64), String> {
+        let parts = self
             .store
             .doc_parts(kind.name())
-            .map_err(|e| e.to_string())
-            .and_then(|parts| {
-                Doc::load(kind, actor_of(&self.device_id), &parts).map_err(|e| e.to_string())
-            });
-        match loaded {
-            Ok(doc) => *state.doc(kind) = doc,
+            .map_err(|e| e.to_string())?;
+        let doc = Doc::load(kind, actor_of(&self.device_id), &parts).map_err(|e| e.to_string())?;
+        Ok((doc, parts.len() as u64))
+    }
+
+    fn reload(&self, state: &mut State, kind: DocKind) {
+        match self.load_stored(kind) {
+            Ok((doc, _)) => *state.doc(kind) = doc,
             Err(e) => {
                 tracing::error!("cannot reload the {} document: {e}", kind.name());
                 self.failed
