@@ -453,6 +453,15 @@ impl Device {
         self.ok("flush", json!({ "workspace": workspace }));
     }
 
+    /// The IDE's hint that it saved `path` (`workspace.touched`); with
+    /// `wait`, answered once connected peers have it.
+    pub fn touched(&self, workspace: &str, path: &Path, wait: bool) {
+        self.ok(
+            "workspace.touched",
+            json!({"workspace": workspace, "paths": [path], "wait": wait}),
+        );
+    }
+
     /// Stops the daemon with SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

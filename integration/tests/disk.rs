@@ -3,10 +3,60 @@
 //! to mount a small tmpfs (CI runs as root); elsewhere it says loudly that
 //! it was skipped.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mariesync_integration::*;
 use serde_json::{Value, json};
+
+/// Two devices sharing a workspace, synced once, with B's `on` (`ws` or
+/// `home`) on a tmpfs of `size`. Fields drop in order: the daemons stop
+/// before the tmpfs goes, and it before the directories.
+struct Setup {
+    a: Device,
+    b: Device,
+    ws: String,
+    root_a: PathBuf,
+    root_b: PathBuf,
+    disk: SmallDisk,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// None, said loudly, where no tmpfs can be mounted.
+fn setup(test: &str, on: &str, size: &str, files: &[(&str, &str)]) -> Option<Setup> {
+    if !is_root() {
+        eprintln!("SKIPPED {test}: needs root to mount a small tmpfs");
+        return None;
+    }
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let (root_a, root_b) = (dir_a.path().join("ws"), dir_b.path().join("ws"));
+    let Some(disk) = SmallDisk::mount(&dir_b.path().join(on), size) else {
+        eprintln!("SKIPPED {test}: cannot mount a tmpfs here");
+        return None;
+    };
+    let a = Device::start(dir_a.path());
+    let b = Device::start(dir_b.path());
+    a.trust_each_other(&b);
+    std::fs::create_dir_all(&root_a).unwrap();
+    std::fs::create_dir_all(&root_b).unwrap();
+    for (name, content) in files {
+        std::fs::write(root_a.join(name), content).unwrap();
+    }
+    let ws = a.add_workspace(&root_a, "w");
+    a.share_with(&b, &ws, "editor", &root_b);
+    wait_until(Duration::from_secs(30), "the initial sync", || {
+        (tree_state(&root_a) == tree_state(&root_b)).then_some(())
+    });
+    Some(Setup {
+        a,
+        b,
+        ws,
+        root_a,
+        root_b,
+        disk,
+        _dirs: (dir_a, dir_b),
+    })
+}
 
 fn not_applied(device: &Device) -> Vec<Value> {
     device.ok("status", json!({}))["workspaces"][0]["not_applied"]
@@ -17,41 +67,28 @@ fn not_applied(device: &Device) -> Vec<Value> {
 
 #[test]
 fn a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room: needs root to mount a small tmpfs"
-        );
-        return;
-    }
-    let (dir_a, dir_b) = (temp_dir(), temp_dir());
-    let (root_a, root_b) = (dir_a.path().join("ws"), dir_b.path().join("ws"));
-    let Some(disk) = SmallDisk::mount(&root_b, "1m") else {
-        eprintln!(
-            "SKIPPED a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room: cannot mount a tmpfs here"
-        );
+    let Some(mut t) = setup(
+        "a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room",
+        "ws",
+        "1m",
+        &[("keep.txt", "the old version\n"), ("small.txt", "small\n")],
+    ) else {
         return;
     };
-    let mut a = Device::start(dir_a.path());
-    let mut b = Device::start(dir_b.path());
-    a.trust_each_other(&b);
-    std::fs::create_dir_all(&root_a).unwrap();
-    std::fs::write(root_a.join("keep.txt"), "the old version\n").unwrap();
-    std::fs::write(root_a.join("small.txt"), "small\n").unwrap();
-    let ws = a.add_workspace(&root_a, "w");
-    a.share_with(&b, &ws, "editor", &root_b);
-    wait_until(Duration::from_secs(30), "the initial sync", || {
-        (tree_state(&root_a) == tree_state(&root_b)).then_some(())
-    });
+    let Setup {
+        a,
+        b,
+        ws,
+        root_a,
+        root_b,
+        ..
+    } = &t;
     let mut events = b.subscribe();
 
     // A new version bigger than B's disk: it cannot be written there.
     let big = Rng::new(5).bytes(3 << 20);
-
     std::fs::write(root_a.join("keep.txt"), &big).unwrap();
-    a.ok(
-        "workspace.touched",
-        json!({"workspace": ws, "paths": [root_a.join("keep.txt")]}),
-    );
+    a.touched(ws, &root_a.join("keep.txt"), false);
     let event = next_event(&mut events, |e| {
         e["kind"] == "error" && e["path"] == "keep.txt"
     });
@@ -60,7 +97,7 @@ fn a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room() {
         "{event}"
     );
     let listed = wait_until(Duration::from_secs(30), "B to list keep.txt", || {
-        let listed = not_applied(&b);
+        let listed = not_applied(b);
         (!listed.is_empty()).then_some(listed)
     });
     assert_eq!(listed[0]["path"], "keep.txt");
@@ -72,10 +109,7 @@ fn a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room() {
         "the old version\n"
     );
     std::fs::write(root_a.join("small.txt"), "small, edited\n").unwrap();
-    a.ok(
-        "workspace.touched",
-        json!({"workspace": ws, "paths": [root_a.join("small.txt")]}),
-    );
+    a.touched(ws, &root_a.join("small.txt"), false);
     wait_until(Duration::from_secs(60), "small.txt on B", || {
         (std::fs::read_to_string(root_b.join("small.txt"))
             .ok()?
@@ -85,18 +119,18 @@ fn a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room() {
     });
 
     // Room again: the new version arrives, and the error is gone.
-    disk.resize("16m");
+    t.disk.resize("16m");
     wait_until(Duration::from_secs(90), "keep.txt on B", || {
         (std::fs::read(root_b.join("keep.txt")).ok()? == big).then_some(())
     });
     wait_until(Duration::from_secs(10), "B's list to clear", || {
-        not_applied(&b).is_empty().then_some(())
+        not_applied(b).is_empty().then_some(())
     });
-    assert_same_state("B", &tree_state(&root_a), &tree_state(&root_b));
-    assert_no_junk(&root_b);
+    assert_same_state("B", &tree_state(root_a), &tree_state(root_b));
+    assert_no_junk(root_b);
     b.assert_store_integrity();
-    b.stop();
-    a.stop();
+    t.b.stop();
+    t.a.stop();
 }
 
 /// The home's disk fills while chunks arrive: the commit fails, nothing
@@ -104,36 +138,26 @@ fn a_full_workspace_disk_keeps_the_old_file_and_syncs_once_there_is_room() {
 /// room the database opens again and the sync completes, no restart.
 #[test]
 fn a_full_home_disk_resumes_once_there_is_room() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED a_full_home_disk_resumes_once_there_is_room: needs root to mount a small tmpfs"
-        );
-        return;
-    }
-    let (dir_a, dir_b) = (temp_dir(), temp_dir());
-    let (root_a, root_b) = (dir_a.path().join("ws"), dir_b.path().join("ws"));
-    let Some(disk) = SmallDisk::mount(&dir_b.path().join("home"), "4m") else {
-        eprintln!("SKIPPED a_full_home_disk_resumes_once_there_is_room: cannot mount a tmpfs here");
+    let Some(mut t) = setup(
+        "a_full_home_disk_resumes_once_there_is_room",
+        "home",
+        "4m",
+        &[("small.txt", "small\n")],
+    ) else {
         return;
     };
-    let mut a = Device::start(dir_a.path());
-    let mut b = Device::start(dir_b.path());
-    a.trust_each_other(&b);
-    std::fs::create_dir_all(&root_a).unwrap();
-    std::fs::create_dir_all(&root_b).unwrap();
-    std::fs::write(root_a.join("small.txt"), "small\n").unwrap();
-    let ws = a.add_workspace(&root_a, "w");
-    a.share_with(&b, &ws, "editor", &root_b);
-    wait_until(Duration::from_secs(30), "the initial sync", || {
-        (tree_state(&root_a) == tree_state(&root_b)).then_some(())
-    });
+    let Setup {
+        a,
+        b,
+        ws,
+        root_a,
+        root_b,
+        ..
+    } = &t;
     // More than B's home can hold.
     let big = Rng::new(6).bytes(6 << 20);
     std::fs::write(root_a.join("big.bin"), &big).unwrap();
-    a.ok(
-        "workspace.touched",
-        json!({"workspace": ws, "paths": [root_a.join("big.bin")]}),
-    );
+    a.touched(ws, &root_a.join("big.bin"), false);
     wait_until(Duration::from_secs(30), "B's database to fail", || {
         b.log().contains("database commit failed").then_some(())
     });
@@ -152,19 +176,16 @@ fn a_full_home_disk_resumes_once_there_is_room() {
         )
         .is_ok();
 
-    disk.resize("64m");
+    t.disk.resize("64m");
     wait_until(Duration::from_secs(90), "big.bin on B", || {
         (std::fs::read(root_b.join("big.bin")).ok()? == big).then_some(())
     });
     assert!(b.log().contains("the database is open again"));
-    assert_same_state("B", &tree_state(&root_a), &tree_state(&root_b));
-    assert_no_junk(&root_b);
+    assert_same_state("B", &tree_state(root_a), &tree_state(root_b));
+    assert_no_junk(root_b);
     // A local change on B goes out too: B's store takes writes again.
     std::fs::write(root_b.join("from-b.txt"), "after the disk was full\n").unwrap();
-    b.ok(
-        "workspace.touched",
-        json!({"workspace": ws, "paths": [root_b.join("from-b.txt")], "wait": true}),
-    );
+    b.touched(ws, &root_b.join("from-b.txt"), true);
     assert_eq!(
         std::fs::read_to_string(root_a.join("from-b.txt")).unwrap(),
         "after the disk was full\n"
@@ -179,6 +200,6 @@ fn a_full_home_disk_resumes_once_there_is_room() {
     );
     assert_eq!(b.setting("editor.fontSize"), json!(16));
     b.assert_store_integrity();
-    b.stop();
-    a.stop();
+    t.b.stop();
+    t.a.stop();
 }

@@ -142,10 +142,7 @@ fn touched_with_wait_answers_once_the_peer_has_the_file() {
     // Also through IPC, for an edit of an existing file.
     let edited = list_files(&root_a)[3].clone();
     std::fs::write(root_a.join(&edited), "edited\n").unwrap();
-    a.ok(
-        "workspace.touched",
-        json!({"workspace": ws, "paths": [root_a.join(&edited)], "wait": true}),
-    );
+    a.touched(&ws, &root_a.join(&edited), true);
     assert_eq!(
         std::fs::read_to_string(root_b.join(&edited)).unwrap(),
         "edited\n"
@@ -394,10 +391,7 @@ fn a_device_that_rejoins_keeps_what_it_changed_while_away() {
     let path = list_files(&root_a)[0].clone();
     for i in 0..3 {
         std::fs::write(root_b.join(&path), format!("B's edit {i}\n")).unwrap();
-        b.ok(
-            "workspace.touched",
-            json!({"workspace": ws, "paths": [root_b.join(&path)], "wait": true}),
-        );
+        b.touched(&ws, &root_b.join(&path), true);
     }
     assert_eq!(
         std::fs::read_to_string(root_a.join(&path)).unwrap(),
