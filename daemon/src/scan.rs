@@ -5,7 +5,8 @@
 //! from what the index cached; ctime catches an edit that kept the size and
 //! set an older mtime. A file hashed within [`RACY_WINDOW_NS`] of its last
 //! write keeps no stat cache, so a second write in the same timestamp tick is
-//! still seen on the next scan (git's "racily clean" entries).
+//! still seen on the next scan (git's "racily clean" entries), unless its
+//! ctime has moved past its mtime (see [`stat_is_settled`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -32,6 +33,9 @@ pub const IGNORE_FILE: &str = ".mariesyncignore";
 /// A file written this recently may be written again within the same
 /// timestamp tick without its stat changing: don't trust its stat next time.
 pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+/// Longer than a file system's ctime tick where ctime is kept (a jiffy on
+/// Linux, at most 10 ms; 15.6 ms on Windows).
+const CTIME_TICK_NS: i64 = 100_000_000;
 /// Files above this size are chunked as a stream instead of read whole.
 const WHOLE_READ_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// One commit holds at most this many entries or this many new chunk bytes.
@@ -445,9 +449,8 @@ impl Scanner<'_> {
                                 batch.chunks.push(chunk);
                             }
                         }
-                        let racy = now_ns.saturating_sub(ingested.stat.mtime_ns) < RACY_WINDOW_NS
-                            || now_ns.saturating_sub(ingested.stat.ctime_ns) < RACY_WINDOW_NS;
-                        let stat = (!racy).then_some(ingested.stat);
+                        let stat = stat_is_settled(&ingested.stat, now_ns, CTIME_TICK_NS)
+                            .then_some(ingested.stat);
                         let seen_now = Seen {
                             path: item.path.clone(),
                             kind: FileKind::File,
@@ -800,6 +803,25 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether `stat`, seen at `now_ns`, is sure to change with the file's next
+/// write, so that it may stand for the content read under it.
+///
+/// A write sets mtime and ctime to one same time, rounded to the file
+/// system's tick. Once both are older than [`RACY_WINDOW_NS`] (the coarsest
+/// tick, FAT's 2 s), a write can only give newer ones. Sooner, a write in
+/// the tick they show would leave them as they are, unless they differ:
+/// then it cannot give both their values at once. So a file whose ctime
+/// moved past its mtime (a copy that kept its mtime, a file this daemon
+/// wrote and dated, a chmod after the write) is settled as soon as its
+/// ctime's tick is over (`ctime_tick_ns` old: what remains is a write that
+/// sets the mtime back to the very same value within that tick). A
+/// ctime before the mtime is not trusted: some file systems keep none.
+pub fn stat_is_settled(stat: &StatCache, now_ns: i64, ctime_tick_ns: i64) -> bool {
+    let age = |t: i64| now_ns.saturating_sub(t);
+    (age(stat.mtime_ns) >= RACY_WINDOW_NS && age(stat.ctime_ns) >= RACY_WINDOW_NS)
+        || (stat.ctime_ns > stat.mtime_ns && age(stat.ctime_ns) >= ctime_tick_ns)
+}
+
 #[cfg(unix)]
 pub fn stat_of(meta: &std::fs::Metadata) -> StatCache {
     use std::os::unix::fs::MetadataExt;
@@ -1018,6 +1040,40 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn a_stat_is_trusted_once_no_write_can_leave_it_as_it_is() {
+        const S: i64 = 1_000_000_000;
+        const MS: i64 = 1_000_000;
+        let now = 1_700_000_000 * S;
+        let stat = |mtime_ns, ctime_ns| StatCache {
+            size: 10,
+            mtime_ns,
+            ctime_ns,
+            inode: 1,
+            mode: 0o644,
+        };
+        let settled = |mtime, ctime| stat_is_settled(&stat(mtime, ctime), now, CTIME_TICK_NS);
+        // Written a moment ago (mtime = ctime): another write in that tick
+        // would look the same, until the racy window is over.
+        assert!(!settled(now - 5 * MS, now - 5 * MS));
+        assert!(!settled(now - S, now - S));
+        assert!(settled(now - 3 * S, now - 3 * S));
+        // A copy that kept an old mtime: trusted once its ctime's tick is
+        // over, not within it.
+        assert!(settled(now - 3600 * S, now - 200 * MS));
+        assert!(!settled(now - 3600 * S, now - 5 * MS));
+        // No ctime kept (0), or one before the mtime: the window decides.
+        assert!(!settled(now - 5 * MS, 0));
+        assert!(settled(now - 3 * S, 0));
+        assert!(!settled(now - S, now - 2 * S));
+        // Dated in the future (another device's clock): never trusted.
+        assert!(!settled(now + 3600 * S, now - 200 * MS));
+        // A file this daemon wrote and dated: its ctime is its own rename,
+        // trusted at once (the caller passes no tick).
+        assert!(stat_is_settled(&stat(now - 3 * MS, now), now, 0));
+        assert!(!stat_is_settled(&stat(now, now), now, 0));
     }
 
     #[test]

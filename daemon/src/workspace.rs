@@ -1513,17 +1513,16 @@ fn prepare_remote(
 
 /// The stat to cache for a file just written from a peer's entry, so that
 /// the scan its watcher events start does not read it all again. Only when
-/// the file still has the size and the mtime we gave it, and that mtime is
-/// outside the racy window: a later write (an editor's, in place or by
-/// rename) sets a new mtime, and the next scan reads it. A fresh mtime (a
-/// file the peer saved a moment ago) keeps no cache: the next scan reads
-/// the file once, as for any recent write.
+/// the file still has the size and the mtime we gave it, and that stat is
+/// settled ([`scan::stat_is_settled`]): a later write (an editor's, in place
+/// or by rename) changes it, and the next scan reads the file. The ctime is
+/// that of our own rename, after the mtime we set unless the peer's clock
+/// is ahead: its tick need not be over, since what remains in that tick is
+/// another writer setting the peer's very mtime back by hand. A file dated
+/// in the future keeps no cache: the next scan reads it once.
 fn written_stat(path: &Path, remote: &FileEntry) -> Option<StatCache> {
     let stat = scan::stat_of(&std::fs::symlink_metadata(path).ok()?);
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64);
-    let settled = now_ns.saturating_sub(remote.mtime_ns) >= scan::RACY_WINDOW_NS;
+    let settled = scan::stat_is_settled(&stat, scan::now_ns(), 0);
     (settled && stat.size == remote.size && stat.mtime_ns == remote.mtime_ns).then_some(stat)
 }
 

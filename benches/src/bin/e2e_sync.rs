@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     let b = Device::start(&dir_b);
     a.trust_each_other(&b);
     let expected = tree_state(&root_a);
-    // --perf FILE: a CPU profile of the receiver during the initial sync
+    // --perf FILE: a CPU profile of the machine during the initial sync
     // (`perf report -i FILE`).
     let perf = args.value("--perf").map(|file| {
         std::process::Command::new("perf")
@@ -74,7 +74,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 ["-F", "999", "--call-graph", "fp"]
             })
-            .args(["-p", &b.pid().to_string()])
+            // Both daemons and every thread, including those started after
+            // perf attached (`-p` misses the workspace's and the apply
+            // pool's): `perf report --sort pid,comm` tells them apart.
+            .arg("-a")
             .spawn()
             .expect("perf")
     });
