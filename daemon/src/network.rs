@@ -49,6 +49,10 @@ const RECONNECT_LAST: Duration = Duration::from_secs(60);
 /// Connections to trusted peers stay open while idle.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A frame being read must keep coming: at least this many bytes (or its
+/// length prefix) within this time, i.e. 6.4 KB/s at the slowest.
+const STALL_BYTES: usize = 64 * 1024;
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with an untrusted device (a joiner) is closed after this.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Addresses remembered per peer at most.
@@ -683,7 +687,7 @@ impl Node {
                 request_response::Message::Request {
                     request: Framed::Malformed(reason),
                     ..
-                } => self.drop_offender(peer, &format!("a malformed request: {reason}")),
+                } => self.drop_offender(peer, &reason),
                 request_response::Message::Request {
                     request: Framed::Message(request),
                     channel,
@@ -801,7 +805,7 @@ impl Node {
                 request_response::Message::Request {
                     request: Framed::Malformed(reason),
                     ..
-                } => self.drop_offender(peer, &format!("a malformed join request: {reason}")),
+                } => self.drop_offender(peer, &format!("join: {reason}")),
                 request_response::Message::Request {
                     request: Framed::Message(request),
                     channel,
@@ -887,13 +891,17 @@ impl<Q, A, const MAX: usize> Clone for FrameCodec<Q, A, MAX> {
     }
 }
 
-async fn read_frame<T, M>(io: &mut T, max: usize) -> std::io::Result<M>
+/// Reads one frame of at most `max` bytes; with `stall`, one that stops
+/// coming is an error of kind `TimedOut` (see [`STALL_TIMEOUT`]). Answers
+/// are read without: a peer may think a while before it answers, and the
+/// request timeout bounds the wait.
+async fn read_frame<T, M>(io: &mut T, max: usize, stall: bool) -> std::io::Result<M>
 where
     T: futures::AsyncRead + Unpin + Send,
     M: for<'de> serde::Deserialize<'de>,
 {
     let mut prefix = [0u8; 4];
-    io.read_exact(&mut prefix).await?;
+    unstalled(stall, io.read_exact(&mut prefix)).await?;
     let len = wire::check_length(prefix, max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     // Reserved at once (address space only, never copied while it grows)
@@ -904,9 +912,33 @@ where
     while body.len() < len {
         let from = body.len();
         body.resize((from + STEP).min(len), 0);
-        io.read_exact(&mut body[from..]).await?;
+        for piece in body[from..].chunks_mut(STALL_BYTES) {
+            unstalled(stall, io.read_exact(piece)).await?;
+        }
     }
     wire::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// `read`, unless (with `stall`) it takes longer than [`STALL_TIMEOUT`]:
+/// then an error of kind `TimedOut`.
+async fn unstalled(
+    stall: bool,
+    read: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    if !stall {
+        return read.await;
+    }
+    match tokio::time::timeout(STALL_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "less than {} KiB arrived in {} s",
+                STALL_BYTES / 1024,
+                STALL_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 async fn write_frame<T, M>(io: &mut T, message: &M) -> std::io::Result<()>
@@ -937,10 +969,15 @@ where
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        match read_frame(io, MAX).await {
+        match read_frame(io, MAX, true).await {
             Ok(message) => Ok(Framed::Message(message)),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                Ok(Framed::Malformed(e.to_string()))
+                Ok(Framed::Malformed(format!("a malformed request: {e}")))
+            }
+            // One byte a second holds a stream, and its memory, for as long
+            // as the request timeout: such a peer is cut off instead.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                Ok(Framed::Malformed(format!("a request that stalled: {e}")))
             }
             Err(e) => Err(e),
         }
@@ -954,7 +991,7 @@ where
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        read_frame(io, MAX).await.map(Outgoing::Message)
+        read_frame(io, MAX, false).await.map(Outgoing::Message)
     }
 
     async fn write_request<T>(

@@ -755,7 +755,18 @@ impl Replicator {
                 || (more && last_sequence == after)
                 || head < last_sequence
             {
-                break Err("a peer sent a malformed index page".into());
+                // More entries than a page holds (millions, say) or
+                // sequences that contradict themselves: no honest peer
+                // sends that.
+                let reason = format!(
+                    "a malformed index page ({} entries, after {after}, last {last_sequence}, head {head})",
+                    entries.len()
+                );
+                self.network.send(crate::network::Command::Disconnect {
+                    peer,
+                    reason: reason.clone(),
+                });
+                break Err(reason);
             }
             if !expecting {
                 // It serves the workspace, so it has it and pulls from us

@@ -1,9 +1,11 @@
-//! A trusted but hostile peer: a huge length prefix, an index entry that
-//! escapes the workspace, a decompression bomb, a chunk that does not match
-//! its hash (asked for, or pushed with a change). Each time the victim
-//! closes the connection, writes nothing
-//! outside the workspace, keeps its memory bounded, and goes on syncing
-//! with an honest peer.
+//! A trusted but hostile peer: a huge length prefix, a message type that
+//! does not exist, index entries that escape the workspace (`..`, an
+//! absolute path), an index page of 20,000 entries and one announcing ten
+//! million, a decompression bomb, a chunk that does not match its hash
+//! (asked for, or pushed with a change), a request sent one byte a second.
+//! Each time the victim closes the connection, writes nothing outside the
+//! workspace, keeps its memory bounded, and goes on syncing with an honest
+//! peer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -62,7 +64,11 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
 
     for attack in [
         "HugeLength",
+        "UnknownMessage",
         "EscapingPath",
+        "AbsolutePath",
+        "ManyEntries",
+        "HugeCount",
         "DecompressionBomb",
         "WrongHash",
         "PushedWrongHash",
@@ -70,6 +76,23 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
         let expected = format!("{attack} closed");
         assert_eq!(next_line(&expected), expected, "log:\n{}", a.log());
     }
+    // A request trickling in one byte a second: while it does, the honest
+    // peer's changes still go both ways; then the victim hangs up on it
+    // (within seconds, not the minute a request may take).
+    assert_eq!(next_line("SlowLoris started"), "SlowLoris started");
+    std::fs::write(root_b.join("during-the-trickle.txt"), "from B\n").unwrap();
+    b.flush(&ws);
+    assert_eq!(
+        std::fs::read(root_a.join("during-the-trickle.txt")).unwrap(),
+        b"from B\n"
+    );
+    std::fs::write(root_a.join("answer-to-b.txt"), "from A\n").unwrap();
+    a.flush(&ws);
+    assert_eq!(
+        std::fs::read(root_b.join("answer-to-b.txt")).unwrap(),
+        b"from A\n"
+    );
+    assert_eq!(next_line("SlowLoris closed"), "SlowLoris closed");
     // Then an honest change pushed with its announcement: applied from
     // what came along, without asking for its chunk.
     assert_eq!(
@@ -88,7 +111,15 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
 
     // Nothing written outside the workspace, nothing bad inside it.
     assert!(!dir_a.path().join("escape.txt").exists());
-    for name in ["bomb.bin", "wrong.bin", "pushed-wrong.bin", "aa"] {
+    assert!(!std::path::Path::new("/escape-abs.t").exists());
+    for name in [
+        "bomb.bin",
+        "wrong.bin",
+        "pushed-wrong.bin",
+        "aa",
+        "many",
+        "count.txt",
+    ] {
         assert!(!root_a.join(name).exists(), "{name} was written");
     }
     assert_no_junk(&root_a);
@@ -96,8 +127,10 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
     for reason in [
         "malformed request",
         "malformed answer",
+        "malformed index page (20000 entries",
         "sent a bad chunk",
         "pushed a bad chunk",
+        "a request that stalled",
     ] {
         assert!(log.contains(reason), "no '{reason}' in the log:\n{log}");
     }

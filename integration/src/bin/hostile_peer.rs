@@ -8,10 +8,14 @@
 //! `ATTACK closed` once the victim has closed the connection, and finally
 //! `done`.
 //!
-//! The attacks: a frame announcing 4 GiB; an index entry whose path is
-//! `../escape.txt`; a chunk that decompresses to 512 MiB when 1,000 bytes
-//! were announced; a chunk whose bytes do not match its hash; the same,
-//! pushed with the announcement of a change.
+//! The attacks: a frame announcing 4 GiB; a message of a type that does
+//! not exist; an index entry whose path is `../escape.txt`, and one whose
+//! path is absolute ([`ABSOLUTE_PATH`]); an index page of 20,000 entries,
+//! and one that announces ten million; a chunk that decompresses to 512
+//! MiB when 1,000 bytes were announced; a chunk whose bytes do not match
+//! its hash; the same, pushed with the announcement of a change; a request
+//! sent one byte a second (the peer prints `SlowLoris started` when it
+//! begins).
 //!
 //! Then one honest change, pushed with its announcement (`pushed.txt`,
 //! [`PUSHED_CONTENT`]): the victim should apply it without asking for its
@@ -19,6 +23,7 @@
 //! chunks asked N` and hangs up (`Pushed closed`).
 
 use std::io::BufRead;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -76,7 +81,16 @@ impl request_response::Codec for RawCodec {
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        io.write_all(&bytes).await?;
+        if SLOW.load(Ordering::Relaxed) {
+            println!("SlowLoris started");
+            for byte in bytes {
+                io.write_all(&[byte]).await?;
+                io.flush().await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        } else {
+            io.write_all(&bytes).await?;
+        }
         io.close().await
     }
 
@@ -94,10 +108,22 @@ impl request_response::Codec for RawCodec {
     }
 }
 
+/// Requests are written one byte a second while set.
+static SLOW: AtomicBool = AtomicBool::new(false);
+
+/// Where the absolute-path attack tries to write (13 bytes, as the path it
+/// replaces in the frame).
+pub const ABSOLUTE_PATH: &str = "/escape-abs.t";
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Attack {
     HugeLength,
+    UnknownMessage,
     EscapingPath,
+    AbsolutePath,
+    ManyEntries,
+    HugeCount,
+    SlowLoris,
     DecompressionBomb,
     WrongHash,
     PushedWrongHash,
@@ -161,7 +187,7 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
     let bomb_hash = ChunkHash::of(&[0u8; 1000]);
     let honest_hash = ChunkHash::of(&[7u8; 100]);
     match (attack, request) {
-        (Attack::EscapingPath, Request::IndexAfter { .. }) => {
+        (Attack::EscapingPath | Attack::AbsolutePath, Request::IndexAfter { .. }) => {
             // A valid entry, then its path bytes rewritten: the same length,
             // so the encoding stays well formed but for the path.
             let index = Response::Index {
@@ -175,8 +201,48 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
                 .windows(13)
                 .position(|w| w == b"aa/escape.txt")
                 .expect("the path is in the frame");
-            bytes[at..at + 13].copy_from_slice(b"../escape.txt");
+            let path = match attack {
+                Attack::EscapingPath => b"../escape.txt",
+                _ => ABSOLUTE_PATH.as_bytes(),
+            };
+            bytes[at..at + 13].copy_from_slice(path);
             Raw(bytes)
+        }
+        (Attack::ManyEntries, Request::IndexAfter { .. }) => {
+            // Each entry valid, far more than a page holds: a few MB.
+            let entries: Vec<FileEntry> = (0..20_000)
+                .map(|i| entry(&format!("many/{i}.txt"), 100, honest_hash, me))
+                .collect();
+            frame(&Response::Index {
+                entries,
+                last_sequence: 20_000,
+                more: false,
+                head: 20_000,
+            })
+        }
+        (Attack::HugeCount, Request::IndexAfter { .. }) => {
+            // One entry, its count rewritten to ten million: a receiver
+            // that sized a vector by it would ask for gigabytes.
+            let index = Response::Index {
+                entries: vec![entry("count.txt", 100, honest_hash, me)],
+                last_sequence: 1,
+                more: false,
+                head: 1,
+            };
+            let bytes = wire::encode(&index).expect("encodable");
+            // Length prefix, variant (one byte), count (one byte: 1).
+            assert_eq!(bytes[5], 1, "the count follows the variant");
+            let mut count = Vec::new();
+            let mut n: u32 = 10_000_000;
+            while n >= 0x80 {
+                count.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            count.push(n as u8);
+            let body = [&bytes[4..5], &count[..], &bytes[6..]].concat();
+            let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+            framed.extend(body);
+            Raw(framed)
         }
         (Attack::DecompressionBomb, Request::IndexAfter { .. }) => frame(&Response::Index {
             entries: vec![entry("bomb.bin", 1000, bomb_hash, me)],
@@ -410,10 +476,15 @@ async fn main() {
 
     for attack in [
         Attack::HugeLength,
+        Attack::UnknownMessage,
         Attack::EscapingPath,
+        Attack::AbsolutePath,
+        Attack::ManyEntries,
+        Attack::HugeCount,
         Attack::DecompressionBomb,
         Attack::WrongHash,
         Attack::PushedWrongHash,
+        Attack::SlowLoris,
         Attack::Pushed,
     ] {
         swarm.dial(victim.clone()).expect("dial");
@@ -425,7 +496,14 @@ async fn main() {
                         let mut bytes = u32::MAX.to_le_bytes().to_vec();
                         bytes.extend([0u8; 64]);
                         swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
+                    } else if attack == Attack::UnknownMessage {
+                        // A variant no version of the protocol has.
+                        let body = [0x7f, 1, 2, 3];
+                        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+                        bytes.extend(body);
+                        swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
                     } else {
+                        SLOW.store(attack == Attack::SlowLoris, Ordering::Relaxed);
                         let changed = announcement(attack, workspace, &me);
                         swarm
                             .behaviour_mut()
