@@ -253,6 +253,96 @@ fn concurrent_edits_become_identical_conflict_copies() {
     assert_eq!(b.cli_json(&["conflicts", "w"]), listed);
 }
 
+/// Clocks days apart (A's three days ahead, as its files' mtimes show):
+/// concurrent edits keep both versions, the same winner and conflict name
+/// on both devices (the newer mtime wins, whichever clock is right); files
+/// dated in the future or the past sync as they are; and an edit of a
+/// future-dated file that keeps its size and puts its mtime back is still
+/// seen, since a stat dated in the future is never trusted.
+#[test]
+fn clocks_days_apart_lose_nothing() {
+    const DAYS_3: Duration = Duration::from_secs(3 * 24 * 3600);
+    let set_mtime = |path: &std::path::Path, mtime: std::time::SystemTime| {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_modified(mtime).unwrap();
+    };
+    let now = std::time::SystemTime::now();
+    let (dir_a, dir_b, a, b) = pair();
+    let root_a = dir_a.path().join("ws");
+    let root_b = dir_b.path().join("ws");
+    std::fs::create_dir_all(&root_a).unwrap();
+    std::fs::write(root_a.join("shared.txt"), "original\n").unwrap();
+    std::fs::write(root_a.join("future.txt"), "written ahead\n").unwrap();
+    set_mtime(&root_a.join("future.txt"), now + DAYS_3);
+    std::fs::create_dir_all(&root_b).unwrap();
+    let ws = a.add_workspace(&root_a, "w");
+    a.share_with(&b, &ws, "editor", &root_b);
+    wait_same("the initial sync", &root_a, &root_b);
+    let (id_a, id_b) = (a.device_id(), b.device_id());
+
+    // Partition; A edits with its clock ahead, B with its own, and B adds
+    // a file dated three days back.
+    a.cli_json(&["peer", "remove", &id_b]);
+    b.cli_json(&["peer", "remove", &id_a]);
+    wait_until(Duration::from_secs(30), "the partition", || {
+        (a.cli_json(&["status"])["peers"] == json!([]) && b.peer(&id_a).is_none()).then_some(())
+    });
+    std::fs::write(root_a.join("shared.txt"), "edited on a, clock ahead\n").unwrap();
+    set_mtime(&root_a.join("shared.txt"), now + DAYS_3);
+    std::fs::write(root_b.join("shared.txt"), "edited on b\n").unwrap();
+    std::fs::write(root_b.join("past.txt"), "dated back\n").unwrap();
+    set_mtime(&root_b.join("past.txt"), now - DAYS_3);
+    a.flush(&ws);
+    b.flush(&ws);
+
+    a.trust_each_other(&b);
+    a.flush(&ws);
+    b.flush(&ws);
+    wait_same("convergence after the partition", &root_a, &root_b);
+    for root in [&root_a, &root_b] {
+        assert_eq!(
+            std::fs::read_to_string(root.join("shared.txt")).unwrap(),
+            "edited on a, clock ahead\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("past.txt")).unwrap(),
+            "dated back\n"
+        );
+    }
+    let listed = a.cli_json(&["conflicts", "w"]);
+    assert_eq!(b.cli_json(&["conflicts", "w"]), listed);
+    let copy = listed["conflicts"][0]["conflict_path"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root_a.join(copy)).unwrap(),
+        "edited on b\n"
+    );
+    // Dates travel as they are.
+    let mtime = |path: std::path::PathBuf| std::fs::metadata(path).unwrap().modified().unwrap();
+    assert_eq!(
+        mtime(root_b.join("future.txt")),
+        mtime(root_a.join("future.txt"))
+    );
+    assert_eq!(
+        mtime(root_a.join("past.txt")),
+        mtime(root_b.join("past.txt"))
+    );
+
+    // B edits the future-dated file in place, same size, and puts its
+    // mtime back: the edit still reaches A.
+    let future = root_b.join("future.txt");
+    let dated = mtime(future.clone());
+    std::fs::write(&future, "WRITTEN AHEAD\n").unwrap();
+    set_mtime(&future, dated);
+    b.flush(&ws);
+    wait_until(Duration::from_secs(30), "B's edit to reach A", || {
+        (std::fs::read_to_string(root_a.join("future.txt"))
+            .ok()
+            .as_deref()
+            == Some("WRITTEN AHEAD\n"))
+        .then_some(())
+    });
+}
+
 /// A chain A - B - C (A and C do not know each other): changes on either
 /// end reach the other through B; C, offline meanwhile, catches up.
 /// Regression: B announced entries it received before committing them, so
