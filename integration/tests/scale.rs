@@ -3,9 +3,9 @@
 //! turns into a full rescan), `flush` answers although its cookie may be
 //! among the events dropped, and the peer ends with the same tree.
 //!
-//! The kernel queues 16,384 events by default, and a watcher that keeps
-//! up never overflows here; as root, the test shrinks the queue of A's
-//! watcher to 16 events (with 256 it still kept up) (`fs.inotify.max_queued_events` is read when a
+//! The kernel queues 16,384 events by default, and the watcher keeps up
+//! here (even with 256); as root, the test shrinks the queue of A's
+//! watcher to 16 events (`fs.inotify.max_queued_events` is read when a
 //! watcher is created, and restored right after). Elsewhere it says loudly
 //! that the overflow was not forced.
 
