@@ -14,6 +14,16 @@ fn pair() -> (tempfile::TempDir, tempfile::TempDir, Device, Device) {
     (dir_a, dir_b, a, b)
 }
 
+/// A partition: each device forgets the other (`trust_each_other` heals).
+fn partition(a: &Device, b: &Device) {
+    let (id_a, id_b) = (a.device_id(), b.device_id());
+    a.cli_json(&["peer", "remove", &id_b]);
+    b.cli_json(&["peer", "remove", &id_a]);
+    wait_until(Duration::from_secs(30), "the partition", || {
+        (a.cli_json(&["status"])["peers"] == json!([]) && b.peer(&id_a).is_none()).then_some(())
+    });
+}
+
 fn wait_same(what: &str, a: &std::path::Path, b: &std::path::Path) {
     wait_until(Duration::from_secs(60), what, || {
         (tree_state(a) == tree_state(b)).then_some(())
@@ -194,14 +204,8 @@ fn concurrent_edits_become_identical_conflict_copies() {
     let ws = a.add_workspace(&root_a, "w");
     a.share_with(&b, &ws, "editor", &root_b);
     wait_same("the initial sync", &root_a, &root_b);
-    let (id_a, id_b) = (a.device_id(), b.device_id());
 
-    // Partition: each forgets the other.
-    a.cli_json(&["peer", "remove", &id_b]);
-    b.cli_json(&["peer", "remove", &id_a]);
-    wait_until(Duration::from_secs(30), "the partition", || {
-        (a.cli_json(&["status"])["peers"] == json!([]) && b.peer(&id_a).is_none()).then_some(())
-    });
+    partition(&a, &b);
     std::fs::write(root_a.join("src/shared.rs"), "edited on a\n").unwrap();
     std::fs::write(
         root_b.join("src/shared.rs"),
@@ -278,15 +282,10 @@ fn clocks_days_apart_lose_nothing() {
     let ws = a.add_workspace(&root_a, "w");
     a.share_with(&b, &ws, "editor", &root_b);
     wait_same("the initial sync", &root_a, &root_b);
-    let (id_a, id_b) = (a.device_id(), b.device_id());
 
     // Partition; A edits with its clock ahead, B with its own, and B adds
     // a file dated three days back.
-    a.cli_json(&["peer", "remove", &id_b]);
-    b.cli_json(&["peer", "remove", &id_a]);
-    wait_until(Duration::from_secs(30), "the partition", || {
-        (a.cli_json(&["status"])["peers"] == json!([]) && b.peer(&id_a).is_none()).then_some(())
-    });
+    partition(&a, &b);
     std::fs::write(root_a.join("shared.txt"), "edited on a, clock ahead\n").unwrap();
     set_mtime(&root_a.join("shared.txt"), now + DAYS_3);
     std::fs::write(root_b.join("shared.txt"), "edited on b\n").unwrap();
