@@ -17,9 +17,9 @@ begin) # SIDE WORK DIR PEER_DIR PORT PEER_PORT: all of it from side A
   ms "$b" peer add "$id_a" --addr "/ip4/127.0.0.1/tcp/$6" >/dev/null
   ws=$(ms "$a" --json workspace add "$4" --name bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["workspace_id"])')
   ms "$a" share bench "$id_b" --role editor >/dev/null
-  for _ in $(seq 1 600); do
+  for _ in $(seq 1 3000); do
     if ms "$b" --json workspace list | grep -q '"offered"'; then break; fi
-    sleep 0.05
+    sleep 0.01
   done
   ms "$b" workspace add "$5" --id "$ws" >/dev/null ;;
 in-sync) # WORK: A's changes are stored and acknowledged by B
