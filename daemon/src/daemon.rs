@@ -21,14 +21,14 @@ use mariesync_protocol::ipc::{
     PeerAddParams, PeerParams, RpcError, TouchedParams, WorkspaceAddParams, WorkspaceFilesParams,
     WorkspaceParams, event_kind, method, parse_params,
 };
-use mariesync_protocol::{CheckpointId, DeviceKey, FileKind, RelPath, WorkspaceId};
+use mariesync_protocol::{CheckpointId, ChunkHash, DeviceKey, FileKind, RelPath, WorkspaceId};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
 use crate::checkpoint;
 use crate::events::EventLog;
 use crate::scan::Scope;
-use crate::store::{PeerRecord, Store, WorkspaceRecord, WorkspaceState};
+use crate::store::{PeerRecord, Store, StoreError, WorkspaceRecord, WorkspaceState};
 use crate::workspace::{self, Activity, Job, store_rpc_error};
 
 pub struct Options {
@@ -809,17 +809,9 @@ impl Daemon {
                     .iter()
                     .map(|(h, owner)| json!({"chunk": h.to_hex(), "owner": owner}))
                     .collect();
-                for (hash, why) in &report.corrupt {
-                    tracing::error!("corrupt chunk {hash}: {why}");
-                    self.events.publish(
-                        event_kind::STORE_CORRUPT,
-                        json!({"chunk": hash.to_hex(), "message": why}),
-                    );
-                    // Drop it, so a scan that still finds the content on
-                    // disk stores it again instead of trusting the bad copy.
-                    self.store.drop_chunk(hash).map_err(store_err)?;
-                }
-                if !report.corrupt.is_empty() || !report.missing.is_empty() {
+                self.chunks_found_corrupt(&report.corrupt)
+                    .map_err(store_err)?;
+                if !report.missing.is_empty() {
                     self.rescan_all_for_repair();
                 }
                 Ok(json!({
@@ -916,6 +908,26 @@ impl Daemon {
                 format!("unknown method '{other}'"),
             )),
         }
+    }
+
+    /// Chunks that failed their check when read (by `store verify`, or
+    /// while serving a peer): reported, then dropped, so that a scan that
+    /// still finds the content on disk stores it again instead of trusting
+    /// the bad copy, and a peer's version that needs it fetches it again;
+    /// every workspace then re-reads the files that used them.
+    pub fn chunks_found_corrupt(&self, corrupt: &[(ChunkHash, String)]) -> Result<(), StoreError> {
+        for (hash, why) in corrupt {
+            tracing::error!("corrupt chunk {hash}: {why}");
+            self.events.publish(
+                event_kind::STORE_CORRUPT,
+                json!({"chunk": hash.to_hex(), "message": why}),
+            );
+            self.store.drop_chunk(hash)?;
+        }
+        if !corrupt.is_empty() {
+            self.rescan_all_for_repair();
+        }
+        Ok(())
     }
 
     /// After chunks were dropped as corrupt, every workspace re-reads the

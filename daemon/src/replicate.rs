@@ -37,6 +37,9 @@ use crate::network::{NetEvent, Network, Outgoing};
 use crate::store::EncodedChunk;
 use crate::workspace::Job;
 
+/// Chunks found corrupt while reading them, and why.
+type Corrupt = Vec<(ChunkHash, String)>;
+
 /// Entries are applied in groups of about this many bytes of files: what a
 /// group needs is fetched (and committed) first, then the group applied.
 const APPLY_CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
@@ -450,8 +453,9 @@ impl Replicator {
         }
         let store = daemon.store.clone();
         drop(daemon);
-        let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let read = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Corrupt), String> {
             let reader = store.reader().map_err(|e| e.to_string())?;
+            let mut corrupt = Vec::new();
             let mut found = Vec::new();
             let mut bytes = 0;
             for hash in hashes {
@@ -479,14 +483,17 @@ impl Replicator {
                     let (hash, at) = &found[i];
                     reader.read_stored_into(hash, at, out).map_err(|e| {
                         tracing::error!("not serving chunk {hash}: {e}");
-                        bad = Some(i);
-                        wire::WireError::Malformed(e.to_string())
+                        bad = Some((i, e));
+                        wire::WireError::Malformed(format!("chunk {hash} unreadable"))
                     })
                 });
                 match (frame, bad) {
-                    (Ok(frame), _) => return Ok(frame),
-                    (Err(_), Some(i)) => {
-                        found.remove(i);
+                    (Ok(frame), _) => return Ok((frame, corrupt)),
+                    (Err(_), Some((i, e))) => {
+                        let (hash, _) = found.remove(i);
+                        if matches!(e, crate::store::StoreError::CorruptChunk { .. }) {
+                            corrupt.push((hash, e.to_string()));
+                        }
                     }
                     (Err(e), None) => return Err(e.to_string()),
                 }
@@ -494,7 +501,22 @@ impl Replicator {
         })
         .await;
         match read {
-            Ok(Ok(frame)) => Outgoing::Encoded(frame),
+            Ok(Ok((frame, corrupt))) => {
+                // The peer asks again later (a missing chunk); meanwhile
+                // the bad copy is dropped and the files that have the
+                // content are read again, which stores it afresh.
+                if !corrupt.is_empty()
+                    && let Ok(daemon) = self.daemon()
+                {
+                    // Not awaited: the answer need not wait for the repair.
+                    drop(tokio::task::spawn_blocking(move || {
+                        if let Err(e) = daemon.chunks_found_corrupt(&corrupt) {
+                            tracing::error!("cannot drop corrupt chunks: {e}");
+                        }
+                    }));
+                }
+                Outgoing::Encoded(frame)
+            }
             Ok(Err(message)) => error(message),
             Err(e) => error(e.to_string()),
         }

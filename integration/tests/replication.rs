@@ -189,6 +189,51 @@ fn files_received_are_not_read_again_by_the_receivers_scans() {
     });
 }
 
+/// A chunk that rotted in the sender's store is never served: the sender
+/// drops it, reads the file that still has the content again, and the
+/// receiver, which asks again, gets the right bytes.
+#[test]
+fn a_chunk_rotten_in_the_senders_store_is_never_served_and_heals() {
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let root_a = dir_a.path().join("ws");
+    let root_b = dir_b.path().join("ws");
+    std::fs::create_dir_all(&root_a).unwrap();
+    std::fs::create_dir_all(&root_b).unwrap();
+    // Incompressible, so its bytes appear verbatim in the database file.
+    let precious = Rng::new(7).bytes(20_000);
+    std::fs::write(root_a.join("precious.bin"), &precious).unwrap();
+    std::fs::write(root_a.join("plain.txt"), "plain\n").unwrap();
+    let mut a = Device::start(dir_a.path());
+    let ws = a.add_workspace(&root_a, "w");
+    a.flush(&ws);
+    a.stop();
+    let db_path = a.home.join("mariesync.redb");
+    let mut db = std::fs::read(&db_path).unwrap();
+    let needle = &precious[5000..5064];
+    let at = db
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("chunk bytes in the database file");
+    db[at + 10] ^= 0xff;
+    std::fs::write(&db_path, &db).unwrap();
+    a.start_again();
+
+    let b = Device::start(dir_b.path());
+    a.trust_each_other(&b);
+    a.share_with(&b, &ws, "editor", &root_b);
+    wait_same("B to have the right bytes", &root_a, &root_b);
+    let log = a.log();
+    assert!(log.contains("not serving chunk"), "{log}");
+    assert!(log.contains("corrupt chunk"), "{log}");
+    assert_eq!(
+        std::fs::read(root_b.join("precious.bin")).unwrap(),
+        precious
+    );
+    a.assert_store_integrity();
+    b.assert_store_integrity();
+    assert_eq!(a.ok("store.verify", json!({}))["ok"], true);
+}
+
 /// Concurrent edits of one file on two partitioned devices: after the
 /// partition heals both versions exist on both devices under the same
 /// names; an edit concurrent with a delete keeps the edit.
