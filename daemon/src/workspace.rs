@@ -963,6 +963,7 @@ impl Worker {
         // `not_applied` until a later batch settles them.
         let mut settled: Vec<RelPath> = Vec::new();
         let mut failures: Vec<(RelPath, String)> = Vec::new();
+        let mut corrupt: Vec<(mariesync_protocol::ChunkHash, String)> = Vec::new();
         for remote in entries.into_iter().chain(dir_deletions) {
             if !valid_remote(&remote) {
                 tracing::warn!(path = %remote.path, "ignoring an invalid entry from a peer");
@@ -1067,6 +1068,13 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::warn!(workspace = %self.shared.name, "not applied yet: {e}");
+                    if let materialize::WriteError::Store {
+                        source: StoreError::CorruptChunk { hash, reason },
+                        ..
+                    } = &e
+                    {
+                        corrupt.push((*hash, reason.clone()));
+                    }
                     fail(remote.sequence);
                     failures.push((remote.path.clone(), e.to_string()));
                 }
@@ -1111,6 +1119,7 @@ impl Worker {
         }
         self.note_not_applied(&settled, failures);
         drop(references);
+        self.drop_corrupt(&corrupt);
         if !batch.upserts.is_empty() {
             self.shared.update(Status::invalidate_totals);
             self.context.garbage.store(true, Ordering::Relaxed);
@@ -1124,6 +1133,26 @@ impl Worker {
     /// Updates `status`'s `not_applied` after a batch: paths it settled
     /// leave the list, paths that failed join it, with an `error` event the
     /// first time a path fails for a reason (not at every retry).
+    /// Chunks of our store that failed their check while a peer's version
+    /// was written from them: dropped, so the next pull fetches them again
+    /// (the entries stay not applied until then), and the files of this
+    /// workspace that used them are read again (a repair).
+    fn drop_corrupt(&mut self, corrupt: &[(mariesync_protocol::ChunkHash, String)]) {
+        for (hash, reason) in corrupt {
+            tracing::error!(workspace = %self.shared.name, "corrupt chunk {hash}: {reason}");
+            self.context.events.publish(
+                event_kind::STORE_CORRUPT,
+                json!({"chunk": hash.to_hex(), "message": reason}),
+            );
+            if let Err(e) = self.context.store.drop_chunk(hash) {
+                tracing::error!("cannot drop corrupt chunk {hash}: {e}");
+            }
+        }
+        if !corrupt.is_empty() {
+            self.repair_due = Some(Instant::now());
+        }
+    }
+
     fn note_not_applied(&self, settled: &[RelPath], failures: Vec<(RelPath, String)>) {
         if failures.is_empty()
             && self

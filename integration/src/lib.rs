@@ -519,6 +519,21 @@ impl Drop for Device {
     }
 }
 
+/// Flips one byte of `content` where it is stored in the database of the
+/// (stopped) daemon with home `home`: `content` must be incompressible and
+/// longer than 5,064 bytes, so its bytes appear verbatim in the file.
+pub fn rot_stored_chunk(home: &Path, content: &[u8]) {
+    let db_path = home.join("mariesync.redb");
+    let mut db = std::fs::read(&db_path).unwrap();
+    let needle = &content[5000..5064];
+    let at = db
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("chunk bytes in the database file");
+    db[at + 10] ^= 0xff;
+    std::fs::write(&db_path, &db).unwrap();
+}
+
 /// The next event of `client` (subscribed) for which `wanted` holds.
 pub fn next_event(client: &mut Client, mut wanted: impl FnMut(&Value) -> bool) -> Value {
     loop {

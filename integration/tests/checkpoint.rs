@@ -122,15 +122,7 @@ fn corrupted_chunk_is_detected_and_never_used() {
     device.flush(&ws);
     device.stop();
 
-    let db_path = device.home.join("mariesync.redb");
-    let mut db = std::fs::read(&db_path).unwrap();
-    let needle = &precious[5000..5064];
-    let at = db
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("chunk bytes in the database file");
-    db[at + 10] ^= 0xff;
-    std::fs::write(&db_path, &db).unwrap();
+    rot_stored_chunk(&device.home, &precious);
 
     device.start_again();
     let err = device

@@ -207,15 +207,7 @@ fn a_chunk_rotten_in_the_senders_store_is_never_served_and_heals() {
     let ws = a.add_workspace(&root_a, "w");
     a.flush(&ws);
     a.stop();
-    let db_path = a.home.join("mariesync.redb");
-    let mut db = std::fs::read(&db_path).unwrap();
-    let needle = &precious[5000..5064];
-    let at = db
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("chunk bytes in the database file");
-    db[at + 10] ^= 0xff;
-    std::fs::write(&db_path, &db).unwrap();
+    rot_stored_chunk(&a.home, &precious);
     a.start_again();
 
     let b = Device::start(dir_b.path());
@@ -232,6 +224,38 @@ fn a_chunk_rotten_in_the_senders_store_is_never_served_and_heals() {
     a.assert_store_integrity();
     b.assert_store_integrity();
     assert_eq!(a.ok("store.verify", json!({}))["ok"], true);
+}
+
+/// A chunk that rotted in the receiver's own store, needed by a peer's new
+/// file (a copy of one it has): the corrupt copy is never written, it is
+/// dropped and fetched again, and the copy arrives with the right bytes.
+#[test]
+fn a_chunk_rotten_in_the_receivers_store_is_fetched_again() {
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let root_a = dir_a.path().join("ws");
+    let root_b = dir_b.path().join("ws");
+    std::fs::create_dir_all(&root_a).unwrap();
+    let precious = Rng::new(8).bytes(20_000);
+    std::fs::write(root_a.join("precious.bin"), &precious).unwrap();
+    let a = Device::start(dir_a.path());
+    let mut b = Device::start(dir_b.path());
+    a.trust_each_other(&b);
+    let ws = a.add_workspace(&root_a, "w");
+    a.share_with(&b, &ws, "editor", &root_b);
+    wait_same("the initial sync", &root_a, &root_b);
+    b.stop();
+    rot_stored_chunk(&b.home, &precious);
+    b.start_again();
+
+    std::fs::write(root_a.join("copy.bin"), &precious).unwrap();
+    a.flush(&ws);
+    wait_same("B to have the copy", &root_a, &root_b);
+    assert_eq!(std::fs::read(root_b.join("copy.bin")).unwrap(), precious);
+    let log = b.log();
+    assert!(log.contains("corrupt chunk"), "{log}");
+    assert_no_junk(&root_b);
+    b.assert_store_integrity();
+    assert_eq!(b.ok("store.verify", json!({}))["ok"], true);
 }
 
 /// Concurrent edits of one file on two partitioned devices: after the
