@@ -916,14 +916,7 @@ impl Daemon {
     /// the bad copy, and a peer's version that needs it fetches it again;
     /// every workspace then re-reads the files that used them.
     pub fn chunks_found_corrupt(&self, corrupt: &[(ChunkHash, String)]) -> Result<(), StoreError> {
-        for (hash, why) in corrupt {
-            tracing::error!("corrupt chunk {hash}: {why}");
-            self.events.publish(
-                event_kind::STORE_CORRUPT,
-                json!({"chunk": hash.to_hex(), "message": why}),
-            );
-            self.store.drop_chunk(hash)?;
-        }
+        workspace::drop_corrupt_chunks(&self.store, &self.events, corrupt)?;
         if !corrupt.is_empty() {
             self.rescan_all_for_repair();
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use mariesync_protocol::index::ChunkRef;
 use mariesync_protocol::ipc::{ErrorCode, RpcError, event_kind};
 use mariesync_protocol::{
-    CheckpointId, DeviceKey, FileEntry, FileKind, RelPath, WorkspaceId, sync,
+    CheckpointId, ChunkHash, DeviceKey, FileEntry, FileKind, RelPath, WorkspaceId, sync,
 };
 use notify::Watcher;
 use serde_json::{Value, json};
@@ -963,7 +963,7 @@ impl Worker {
         // `not_applied` until a later batch settles them.
         let mut settled: Vec<RelPath> = Vec::new();
         let mut failures: Vec<(RelPath, String)> = Vec::new();
-        let mut corrupt: Vec<(mariesync_protocol::ChunkHash, String)> = Vec::new();
+        let mut corrupt: Vec<(ChunkHash, String)> = Vec::new();
         for remote in entries.into_iter().chain(dir_deletions) {
             if !valid_remote(&remote) {
                 tracing::warn!(path = %remote.path, "ignoring an invalid entry from a peer");
@@ -1130,29 +1130,23 @@ impl Worker {
         Ok(first_failed)
     }
 
-    /// Updates `status`'s `not_applied` after a batch: paths it settled
-    /// leave the list, paths that failed join it, with an `error` event the
-    /// first time a path fails for a reason (not at every retry).
     /// Chunks of our store that failed their check while a peer's version
-    /// was written from them: dropped, so the next pull fetches them again
-    /// (the entries stay not applied until then), and the files of this
-    /// workspace that used them are read again (a repair).
-    fn drop_corrupt(&mut self, corrupt: &[(mariesync_protocol::ChunkHash, String)]) {
-        for (hash, reason) in corrupt {
-            tracing::error!(workspace = %self.shared.name, "corrupt chunk {hash}: {reason}");
-            self.context.events.publish(
-                event_kind::STORE_CORRUPT,
-                json!({"chunk": hash.to_hex(), "message": reason}),
-            );
-            if let Err(e) = self.context.store.drop_chunk(hash) {
-                tracing::error!("cannot drop corrupt chunk {hash}: {e}");
-            }
+    /// was written from them: dropped ([`drop_corrupt_chunks`]), so the
+    /// next pull fetches them again (the entries stay not applied until
+    /// then), and the files of this workspace that used them are read
+    /// again (a repair).
+    fn drop_corrupt(&mut self, corrupt: &[(ChunkHash, String)]) {
+        if let Err(e) = drop_corrupt_chunks(&self.context.store, &self.context.events, corrupt) {
+            tracing::error!(workspace = %self.shared.name, "cannot drop corrupt chunks: {e}");
         }
         if !corrupt.is_empty() {
             self.repair_due = Some(Instant::now());
         }
     }
 
+    /// Updates `status`'s `not_applied` after a batch: paths it settled
+    /// leave the list, paths that failed join it, with an `error` event the
+    /// first time a path fails for a reason (not at every retry).
     fn note_not_applied(&self, settled: &[RelPath], failures: Vec<(RelPath, String)>) {
         if failures.is_empty()
             && self
@@ -1572,6 +1566,27 @@ fn move_aside(root: &Path, local: &FileEntry, conflict_path: &RelPath) -> std::i
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
+}
+
+/// Chunks that failed their check when read: each reported (log and a
+/// `store_corrupt` event) and dropped from the store, so that a scan that
+/// still finds the content on disk stores it again instead of trusting the
+/// bad copy, and what needs it from a peer fetches it again. The caller
+/// owes the repair of the index entries that name them.
+pub fn drop_corrupt_chunks(
+    store: &Store,
+    events: &EventLog,
+    corrupt: &[(ChunkHash, String)],
+) -> Result<(), StoreError> {
+    for (hash, why) in corrupt {
+        tracing::error!("corrupt chunk {hash}: {why}");
+        events.publish(
+            event_kind::STORE_CORRUPT,
+            json!({"chunk": hash.to_hex(), "message": why}),
+        );
+        store.drop_chunk(hash)?;
+    }
+    Ok(())
 }
 
 pub fn store_rpc_error(error: &StoreError) -> RpcError {
