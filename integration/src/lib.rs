@@ -910,6 +910,16 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Two devices in their own temporary folders, trusting each other and
+/// connected.
+pub fn two_trusting_devices() -> (tempfile::TempDir, tempfile::TempDir, Device, Device) {
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let a = Device::start(dir_a.path());
+    let b = Device::start(dir_b.path());
+    a.trust_each_other(&b);
+    (dir_a, dir_b, a, b)
+}
+
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("ms-").tempdir().unwrap()
 }

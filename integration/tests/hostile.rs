@@ -21,10 +21,7 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 
 #[test]
 fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
-    let (dir_a, dir_b) = (temp_dir(), temp_dir());
-    let a = Device::start(dir_a.path());
-    let b = Device::start(dir_b.path());
-    a.trust_each_other(&b);
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     generate_tree(&root_a, 95, 100, 0, 0);

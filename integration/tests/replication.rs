@@ -5,15 +5,6 @@ use std::time::Duration;
 use mariesync_integration::*;
 use serde_json::json;
 
-fn pair() -> (tempfile::TempDir, tempfile::TempDir, Device, Device) {
-    let (dir_a, dir_b) = (temp_dir(), temp_dir());
-    let a = Device::start(dir_a.path());
-    let b = Device::start(dir_b.path());
-
-    a.trust_each_other(&b);
-    (dir_a, dir_b, a, b)
-}
-
 /// A partition: each device forgets the other (`trust_each_other` heals).
 fn partition(a: &Device, b: &Device) {
     let (id_a, id_b) = (a.device_id(), b.device_id());
@@ -32,7 +23,7 @@ fn wait_same(what: &str, a: &std::path::Path, b: &std::path::Path) {
 
 #[test]
 fn two_devices_converge_through_edits_on_both_sides() {
-    let (dir_a, dir_b, a, b) = pair();
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     generate_tree(&root_a, 40, 2500, 2, 52 << 20);
@@ -117,7 +108,7 @@ fn two_devices_converge_through_edits_on_both_sides() {
 /// A device that was offline catches up from where it left off.
 #[test]
 fn an_offline_device_catches_up() {
-    let (dir_a, dir_b, a, mut b) = pair();
+    let (dir_a, dir_b, a, mut b) = two_trusting_devices();
     let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 50, 200);
     wait_same("the initial sync", &root_a, &root_b);
     b.stop();
@@ -134,7 +125,7 @@ fn an_offline_device_catches_up() {
 /// polling needed. Plain `touched` answers once the file is indexed here.
 #[test]
 fn touched_with_wait_answers_once_the_peer_has_the_file() {
-    let (dir_a, dir_b, a, b) = pair();
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 60, 30);
     wait_same("the initial sync", &root_a, &root_b);
     for i in 0..5 {
@@ -166,7 +157,7 @@ fn touched_with_wait_answers_once_the_peer_has_the_file() {
 /// every received file was hashed again, 64 MiB binaries included.
 #[test]
 fn files_received_are_not_read_again_by_the_receivers_scans() {
-    let (dir_a, dir_b, a, b) = pair();
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 61, 200);
     std::fs::write(root_a.join("fresh.bin"), vec![7u8; 9 << 20]).unwrap();
     a.touched(&ws, &root_a.join("fresh.bin"), true);
@@ -231,15 +222,12 @@ fn a_chunk_rotten_in_the_senders_store_is_never_served_and_heals() {
 /// dropped and fetched again, and the copy arrives with the right bytes.
 #[test]
 fn a_chunk_rotten_in_the_receivers_store_is_fetched_again() {
-    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let (dir_a, dir_b, a, mut b) = two_trusting_devices();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     std::fs::create_dir_all(&root_a).unwrap();
     let precious = Rng::new(8).bytes(20_000);
     std::fs::write(root_a.join("precious.bin"), &precious).unwrap();
-    let a = Device::start(dir_a.path());
-    let mut b = Device::start(dir_b.path());
-    a.trust_each_other(&b);
     let ws = a.add_workspace(&root_a, "w");
     a.share_with(&b, &ws, "editor", &root_b);
     wait_same("the initial sync", &root_a, &root_b);
@@ -263,7 +251,7 @@ fn a_chunk_rotten_in_the_receivers_store_is_fetched_again() {
 /// names; an edit concurrent with a delete keeps the edit.
 #[test]
 fn concurrent_edits_become_identical_conflict_copies() {
-    let (dir_a, dir_b, a, b) = pair();
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     std::fs::create_dir_all(root_a.join("src")).unwrap();
@@ -340,7 +328,7 @@ fn clocks_days_apart_lose_nothing() {
         file.set_modified(mtime).unwrap();
     };
     let now = std::time::SystemTime::now();
-    let (dir_a, dir_b, a, b) = pair();
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     std::fs::create_dir_all(&root_a).unwrap();
@@ -568,7 +556,7 @@ fn a_new_device_pulls_from_two_peers_and_fetches_each_chunk_once() {
 /// versions must not look older than the ones it made before it left.
 #[test]
 fn a_device_that_rejoins_keeps_what_it_changed_while_away() {
-    let (dir_a, dir_b, a, b) = pair();
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 70, 20);
     wait_same("the initial sync", &root_a, &root_b);
     // B edits a file a few times: its device has counters in the version.

@@ -61,10 +61,7 @@ fn check_out(root: &Path, branch: &str) {
 
 #[test]
 fn a_checkout_of_20000_files_at_once_misses_nothing() {
-    let (dir_a, dir_b) = (temp_dir(), temp_dir());
-    let a = Device::start(dir_a.path());
-    let b = Device::start(dir_b.path());
-    a.trust_each_other(&b);
+    let (dir_a, dir_b, a, b) = two_trusting_devices();
     let root_a = dir_a.path().join("ws");
     let root_b = dir_b.path().join("ws");
     check_out(&root_a, "main");
