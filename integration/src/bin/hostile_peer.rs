@@ -163,6 +163,13 @@ fn frame(message: &impl serde::Serialize) -> Raw {
     Raw(wire::encode(message).expect("encodable"))
 }
 
+/// `body` behind its length prefix, whatever it holds.
+fn raw_frame(body: &[u8]) -> Raw {
+    let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
+    bytes.extend_from_slice(body);
+    Raw(bytes)
+}
+
 fn entry(path: &str, size: u32, hash: ChunkHash, by: &str) -> FileEntry {
     let mut version = VersionVector::default();
     version.bump(mariesync_protocol::DeviceKey::of_device_id(by));
@@ -232,17 +239,9 @@ fn answer(attack: Attack, request: &Request, me: &str) -> Raw {
             let bytes = wire::encode(&index).expect("encodable");
             // Length prefix, variant (one byte), count (one byte: 1).
             assert_eq!(bytes[5], 1, "the count follows the variant");
-            let mut count = Vec::new();
-            let mut n: u32 = 10_000_000;
-            while n >= 0x80 {
-                count.push((n as u8) | 0x80);
-                n >>= 7;
-            }
-            count.push(n as u8);
-            let body = [&bytes[4..5], &count[..], &bytes[6..]].concat();
-            let mut framed = (body.len() as u32).to_le_bytes().to_vec();
-            framed.extend(body);
-            Raw(framed)
+            // A count is a varint, as postcard writes a u32.
+            let count = postcard::to_stdvec(&10_000_000u32).expect("encodable");
+            raw_frame(&[&bytes[4..5], &count[..], &bytes[6..]].concat())
         }
         (Attack::DecompressionBomb, Request::IndexAfter { .. }) => frame(&Response::Index {
             entries: vec![entry("bomb.bin", 1000, bomb_hash, me)],
@@ -498,10 +497,8 @@ async fn main() {
                         swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
                     } else if attack == Attack::UnknownMessage {
                         // A variant no version of the protocol has.
-                        let body = [0x7f, 1, 2, 3];
-                        let mut bytes = (body.len() as u32).to_le_bytes().to_vec();
-                        bytes.extend(body);
-                        swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
+                        let unknown = raw_frame(&[0x7f, 1, 2, 3]);
+                        swarm.behaviour_mut().send_request(&peer_id, unknown);
                     } else {
                         SLOW.store(attack == Attack::SlowLoris, Ordering::Relaxed);
                         let changed = announcement(attack, workspace, &me);
