@@ -53,6 +53,26 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// length prefix) within this time, i.e. 6.4 KB/s at the slowest.
 const STALL_BYTES: usize = 64 * 1024;
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests a peer sends are read concurrently (libp2p allows 100 streams
+/// per connection), but those above [`BUDGETED_FRAME_BYTES`] only within
+/// one budget for all peers, taken for the whole frame before its body is
+/// read: a peer opening a hundred streams of 8 MiB each costs this much
+/// memory, not 800 MiB. Nearly every request is small (announcements,
+/// index and chunk requests) and never waits for it; only pushed changes
+/// and large settings messages do.
+const REQUEST_BYTES_BUDGET: usize = 64 * 1024 * 1024;
+const BUDGETED_FRAME_BYTES: usize = 64 * 1024;
+static REQUEST_BUDGET: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(REQUEST_BYTES_BUDGET / 1024);
+const _: () = assert!(WIRE_FRAME_BYTES_MAX <= REQUEST_BYTES_BUDGET);
+/// Requests in flight to one peer at most. libp2p counts a connection's
+/// streams both ways against its limit (100) and fails what goes beyond:
+/// two devices sharing dozens of workspaces pulled them all at once and
+/// saw their requests fail with "max sub-streams reached". Below half the
+/// limit on each side, neither ever reaches it.
+const REQUESTS_PER_PEER_MAX: usize = 32;
+const _: () = assert!(2 * REQUESTS_PER_PEER_MAX < STREAMS_PER_CONNECTION_MAX);
+const STREAMS_PER_CONNECTION_MAX: usize = 100;
 /// A connection with an untrusted device (a joiner) is closed after this.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Addresses remembered per peer at most.
@@ -168,6 +188,8 @@ pub enum NetEvent {
 pub struct Network {
     commands: mpsc::Sender<Command>,
     pub state: Arc<Mutex<State>>,
+    /// Permits for requests in flight, per peer ([`REQUESTS_PER_PEER_MAX`]).
+    in_flight: Arc<Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>>,
 }
 
 impl Network {
@@ -192,8 +214,20 @@ impl Network {
         answer.await.map_err(|_| GONE.to_string())?
     }
 
-    /// Sends `request` to `peer` and waits for its answer.
+    /// Sends `request` to `peer` and waits for its answer; waits first while
+    /// [`REQUESTS_PER_PEER_MAX`] requests to it are in flight.
     pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, String> {
+        let permits = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_PEER_MAX)))
+            .clone();
+        let _permit = permits
+            .acquire_owned()
+            .await
+            .map_err(|_| "the network is shutting down".to_string())?;
         self.ask(|reply| Command::Request {
             peer,
             request,
@@ -294,7 +328,9 @@ pub fn start(
                         StreamProtocol::new(SYNC_PROTOCOL),
                         request_response::ProtocolSupport::Full,
                     )],
-                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(STREAMS_PER_CONNECTION_MAX),
                 )),
                 join: request_response::Behaviour::with_codec(
                     JoinCodec::default(),
@@ -341,7 +377,11 @@ pub fn start(
         node.trust(peer, addrs);
     }
     tokio::spawn(node.run(receiver, shutdown));
-    Ok(Network { commands, state })
+    Ok(Network {
+        commands,
+        state,
+        in_flight: Arc::default(),
+    })
 }
 
 type WaitingJoin = (JoinRequest, oneshot::Sender<Result<JoinResponse, String>>);
@@ -891,19 +931,34 @@ impl<Q, A, const MAX: usize> Clone for FrameCodec<Q, A, MAX> {
     }
 }
 
-/// Reads one frame of at most `max` bytes; with `stall`, one that stops
-/// coming is an error of kind `TimedOut` (see [`STALL_TIMEOUT`]). Answers
-/// are read without: a peer may think a while before it answers, and the
-/// request timeout bounds the wait.
-async fn read_frame<T, M>(io: &mut T, max: usize, stall: bool) -> std::io::Result<M>
+/// Reads one frame of at most `max` bytes. A `request` that stops coming
+/// is an error of kind `TimedOut` (see [`STALL_TIMEOUT`]), and a large one
+/// is read within [`REQUEST_BUDGET`]. Answers are read without either: a
+/// peer may think a while before it answers, the request timeout bounds
+/// the wait, and the requests in flight bound how many come at once.
+async fn read_frame<T, M>(io: &mut T, max: usize, request: bool) -> std::io::Result<M>
 where
     T: futures::AsyncRead + Unpin + Send,
     M: for<'de> serde::Deserialize<'de>,
 {
+    let stall = request;
     let mut prefix = [0u8; 4];
     unstalled(stall, io.read_exact(&mut prefix)).await?;
     let len = wire::check_length(prefix, max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    // Taken for the whole frame at once: a reader holding part of the
+    // budget never waits for more (two such would wait for each other).
+    let _budget = if request && len > BUDGETED_FRAME_BYTES {
+        let kib = len.div_ceil(1024) as u32;
+        Some(
+            REQUEST_BUDGET
+                .acquire_many(kib)
+                .await
+                .map_err(std::io::Error::other)?,
+        )
+    } else {
+        None
+    };
     // Reserved at once (address space only, never copied while it grows)
     // but touched a step at a time as bytes arrive: a peer announcing 8 MiB
     // and trickling bytes holds little more memory than it sent.

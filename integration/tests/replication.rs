@@ -593,3 +593,56 @@ fn a_device_that_rejoins_keeps_what_it_changed_while_away() {
         );
     }
 }
+
+/// A device that comes back to dozens of workspaces pulls them all at
+/// once. libp2p allows a connection 100 streams, both ways together, and
+/// fails any beyond: requests to one peer wait for each other instead, so
+/// none fails ("max sub-streams reached") and none is dropped ("at
+/// capacity"), and everything arrives at once rather than after retries.
+#[test]
+fn dozens_of_workspaces_catch_up_at_once_without_refused_requests() {
+    const WORKSPACES: usize = 60;
+    // Failed pulls are logged at debug level only.
+    let debug = [("RUST_LOG", "mariesync=debug,info")];
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    let mut a = Device::start_with_env(dir_a.path(), &debug);
+    let b = Device::start_with_env(dir_b.path(), &debug);
+    a.trust_each_other(&b);
+    a.pin_port();
+    let mut shared = Vec::new();
+    for i in 0..WORKSPACES {
+        let (root_a, root_b) = (
+            dir_a.path().join(format!("ws{i}")),
+            dir_b.path().join(format!("ws{i}")),
+        );
+        generate_tree(&root_a, 300 + i as u64, 8, 1, 1 << 20);
+        let ws = a.add_workspace(&root_a, &format!("w{i}"));
+        a.flush(&ws);
+        a.cli_json(&["share", &ws, &b.device_id(), "--role", "editor"]);
+        shared.push((ws, root_a, root_b));
+    }
+    wait_until(Duration::from_secs(60), "every offer to arrive", || {
+        let list = b.ok("workspace.list", json!({}));
+        let offered = list["workspaces"].as_array().unwrap().iter();
+        (offered.filter(|w| w["state"] == "offered").count() == WORKSPACES).then_some(())
+    });
+    // Accepted while the owner is away, so that every pull starts at the
+    // moment it is back.
+    a.stop();
+    for (ws, _, root_b) in &shared {
+        std::fs::create_dir_all(root_b).unwrap();
+        b.ok("workspace.add", json!({"path": root_b, "id": ws}));
+    }
+    a.start_again();
+    for (ws, root_a, root_b) in &shared {
+        wait_same(ws, root_a, root_b);
+    }
+    for (name, log) in [("A", a.log()), ("B", b.log())] {
+        for refusal in ["max sub-streams reached", "at capacity"] {
+            assert!(
+                !log.contains(refusal),
+                "'{refusal}' in {name}'s log:\n{log}"
+            );
+        }
+    }
+}

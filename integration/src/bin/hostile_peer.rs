@@ -13,8 +13,9 @@
 //! path is absolute ([`ABSOLUTE_PATH`]); an index page of 20,000 entries,
 //! and one that announces ten million; a chunk that decompresses to 512
 //! MiB when 1,000 bytes were announced; a chunk whose bytes do not match
-//! its hash; the same, pushed with the announcement of a change; a request
-//! sent one byte a second (the peer prints `SlowLoris started` when it
+//! its hash; the same, pushed with the announcement of a change; ninety
+//! requests of 8 MiB at once (`Flood`, 720 MiB were they all read at the
+//! same time); a request sent one byte a second (the peer prints `SlowLoris started` when it
 //! begins).
 //!
 //! Then one honest change, pushed with its announcement (`pushed.txt`,
@@ -108,6 +109,11 @@ impl request_response::Codec for RawCodec {
     }
 }
 
+/// The flood: this many requests at once, each a frame this large (just
+/// under the 8 MiB a frame may have) of bytes that decode to nothing.
+const FLOOD_STREAMS: usize = 90;
+const FLOOD_FRAME_BYTES: usize = 8 * 1024 * 1024 - 64;
+
 /// Requests are written one byte a second while set.
 static SLOW: AtomicBool = AtomicBool::new(false);
 
@@ -127,6 +133,7 @@ enum Attack {
     DecompressionBomb,
     WrongHash,
     PushedWrongHash,
+    Flood,
     /// Not an attack: a change pushed as an honest peer pushes one.
     Pushed,
 }
@@ -483,6 +490,7 @@ async fn main() {
         Attack::DecompressionBomb,
         Attack::WrongHash,
         Attack::PushedWrongHash,
+        Attack::Flood,
         Attack::SlowLoris,
         Attack::Pushed,
     ] {
@@ -495,6 +503,12 @@ async fn main() {
                         let mut bytes = u32::MAX.to_le_bytes().to_vec();
                         bytes.extend([0u8; 64]);
                         swarm.behaviour_mut().send_request(&peer_id, Raw(bytes));
+                    } else if attack == Attack::Flood {
+                        // Written at once, each on its own stream.
+                        let junk = raw_frame(&vec![0xff; FLOOD_FRAME_BYTES]);
+                        for _ in 0..FLOOD_STREAMS {
+                            swarm.behaviour_mut().send_request(&peer_id, junk.clone());
+                        }
                     } else if attack == Attack::UnknownMessage {
                         // A variant no version of the protocol has.
                         let unknown = raw_frame(&[0x7f, 1, 2, 3]);
