@@ -199,6 +199,16 @@ impl Network {
         }
     }
 
+    /// Closes the connections with `peer`, which broke the protocol for
+    /// `reason`; gives `reason` back, for the caller's error.
+    pub fn cut_off(&self, peer: PeerId, reason: String) -> String {
+        self.send(Command::Disconnect {
+            peer,
+            reason: reason.clone(),
+        });
+        reason
+    }
+
     /// Sends the command `make` builds around a reply channel, and waits
     /// for the reply.
     async fn ask<T>(
@@ -941,9 +951,8 @@ where
     T: futures::AsyncRead + Unpin + Send,
     M: for<'de> serde::Deserialize<'de>,
 {
-    let stall = request;
     let mut prefix = [0u8; 4];
-    unstalled(stall, io.read_exact(&mut prefix)).await?;
+    unstalled(request, io.read_exact(&mut prefix)).await?;
     let len = wire::check_length(prefix, max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     // Taken for the whole frame at once: a reader holding part of the
@@ -968,7 +977,7 @@ where
         let from = body.len();
         body.resize((from + STEP).min(len), 0);
         for piece in body[from..].chunks_mut(STALL_BYTES) {
-            unstalled(stall, io.read_exact(piece)).await?;
+            unstalled(request, io.read_exact(piece)).await?;
         }
     }
     wire::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))

@@ -784,11 +784,7 @@ impl Replicator {
                     "a malformed index page ({} entries, after {after}, last {last_sequence}, head {head})",
                     entries.len()
                 );
-                self.network.send(crate::network::Command::Disconnect {
-                    peer,
-                    reason: reason.clone(),
-                });
-                break Err(reason);
+                break Err(self.network.cut_off(peer, reason));
             }
             if !expecting {
                 // It serves the workspace, so it has it and pulls from us
@@ -1197,13 +1193,7 @@ impl Replicator {
         let store = store.clone();
         let network = self.network.clone();
         let got = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
-            let offence = |reason: String| {
-                network.send(crate::network::Command::Disconnect {
-                    peer,
-                    reason: reason.clone(),
-                });
-                reason
-            };
+            let offence = |reason: String| network.cut_off(peer, reason);
             let verb = match arrival {
                 Arrival::Fetched => "sent",
                 Arrival::Pushed => "pushed",
