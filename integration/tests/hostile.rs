@@ -9,6 +9,7 @@
 //! peer.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -18,6 +19,17 @@ use serde_json::json;
 /// Peak resident memory of a process, from /proc.
 fn peak_rss_bytes(pid: u32) -> u64 {
     proc_stats::status_kib(pid, "VmHWM").expect("VmHWM in /proc/PID/status") * 1024
+}
+
+/// `from` writes `name` into its root and flushes: `to_root` has it then.
+fn sends(from: &Device, ws: &str, from_root: &Path, to_root: &Path, name: &str, content: &str) {
+    std::fs::write(from_root.join(name), content).unwrap();
+    from.flush(ws);
+    assert_eq!(
+        std::fs::read_to_string(to_root.join(name)).unwrap(),
+        content,
+        "{name}"
+    );
 }
 
 #[test]
@@ -79,18 +91,15 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
     // peer's changes still go both ways; then the victim hangs up on it
     // (within seconds, not the minute a request may take).
     assert_eq!(next_line("SlowLoris started"), "SlowLoris started");
-    std::fs::write(root_b.join("during-the-trickle.txt"), "from B\n").unwrap();
-    b.flush(&ws);
-    assert_eq!(
-        std::fs::read(root_a.join("during-the-trickle.txt")).unwrap(),
-        b"from B\n"
+    sends(
+        &b,
+        &ws,
+        &root_b,
+        &root_a,
+        "during-the-trickle.txt",
+        "from B\n",
     );
-    std::fs::write(root_a.join("answer-to-b.txt"), "from A\n").unwrap();
-    a.flush(&ws);
-    assert_eq!(
-        std::fs::read(root_b.join("answer-to-b.txt")).unwrap(),
-        b"from A\n"
-    );
+    sends(&a, &ws, &root_a, &root_b, "answer-to-b.txt", "from A\n");
     assert_eq!(next_line("SlowLoris closed"), "SlowLoris closed");
     // Then an honest change pushed with its announcement: applied from
     // what came along, without asking for its chunk.
@@ -110,7 +119,7 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
 
     // Nothing written outside the workspace, nothing bad inside it.
     assert!(!dir_a.path().join("escape.txt").exists());
-    assert!(!std::path::Path::new("/escape-abs.t").exists());
+    assert!(!Path::new("/escape-abs.t").exists());
     for name in [
         "bomb.bin",
         "wrong.bin",
@@ -139,18 +148,15 @@ fn a_hostile_peer_is_cut_off_and_others_keep_syncing() {
     assert!(peak < 256 << 20, "peak RSS {} MiB", peak >> 20);
 
     // The honest peer still syncs, both ways.
-    std::fs::write(root_b.join("after-the-attack.txt"), "still here\n").unwrap();
-    b.flush(&ws);
-    assert_eq!(
-        std::fs::read(root_a.join("after-the-attack.txt")).unwrap(),
-        b"still here\n"
+    sends(
+        &b,
+        &ws,
+        &root_b,
+        &root_a,
+        "after-the-attack.txt",
+        "still here\n",
     );
-    std::fs::write(root_a.join("reply.txt"), "and back\n").unwrap();
-    a.flush(&ws);
-    assert_eq!(
-        std::fs::read(root_b.join("reply.txt")).unwrap(),
-        b"and back\n"
-    );
+    sends(&a, &ws, &root_a, &root_b, "reply.txt", "and back\n");
     wait_until(Duration::from_secs(30), "the trees to agree", || {
         (tree_state(&root_a) == tree_state(&root_b)).then_some(())
     });
