@@ -603,12 +603,17 @@ impl Node {
                 num_established: 0,
                 ..
             } if self.guests.remove(&peer_id).is_some() => {}
+            // The first connection of a trusted peer, or the first since it
+            // was trusted: a device that just joined redials, and its new
+            // connection can be established here before its guest one is
+            // seen to close (two established: it was never counted as
+            // connected, and stayed so).
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
                 num_established,
                 ..
-            } if num_established.get() == 1 => {
+            } if self.guests.remove(&peer_id).is_some() || num_established.get() == 1 => {
                 let addr = endpoint.get_remote_address().clone();
                 tracing::info!(peer = %peer_id, %addr, "peer connected");
                 self.update(|s| {
