@@ -168,7 +168,9 @@ impl Scanner<'_> {
         // From the first "the store has this chunk" decision to the last
         // commit, no chunk may be deleted.
         let _references = self.store.reference_guard();
+        let started = std::time::Instant::now();
         let (seen, unreadable) = self.walk(scope, &mut report.skipped);
+        let walk_us = started.elapsed().as_micros() as u64;
 
         // The index in scope, in path order: the same byte order as `seen`,
         // so the two are compared by a merge, without hashing 100k paths.
@@ -349,10 +351,18 @@ impl Scanner<'_> {
                 },
             )?;
             let count = batches.len();
+            let hashed_us = started.elapsed().as_micros() as u64;
             for (i, (batch, next)) in batches.into_iter().enumerate() {
                 self.store
                     .commit_batch(self.workspace, &batch, next, i + 1 == count)?;
             }
+            tracing::debug!(
+                seen = seen.len(),
+                walk_us,
+                hashed_us,
+                committed_us = started.elapsed().as_micros() as u64,
+                "small scan"
+            );
             return Ok(report);
         }
         let outcome = std::thread::scope(|scope| -> Result<bool, ScanError> {

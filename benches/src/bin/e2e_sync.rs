@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin mariesync
-//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--dir /var/tmp] [--share-first] [--perf FILE [--perf-dwarf] [--perf-event E]]
+//! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--gap-ms 300] [--dir /var/tmp] [--share-first] [--perf FILE [--perf-dwarf] [--perf-event E]]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -24,6 +24,10 @@ fn main() -> anyhow::Result<()> {
         args.number("--binaries", 4),
         args.number("--edits", 20),
     );
+    // Between saves, as a person pauses between them (../shared/bench
+    // waits 1 to 1.5 s): the last save's work is over, on both sides, and
+    // idle CPUs have to wake up again.
+    let gap = Duration::from_millis(args.number("--gap-ms", 300) as u64);
     use_sibling_daemon()?;
 
     let work = tempfile::Builder::new()
@@ -174,6 +178,8 @@ fn main() -> anyhow::Result<()> {
     let mut hinted = Vec::new();
     let mut waited = Vec::new();
     for i in 0..edits * 3 {
+        a.flush(&ws);
+        std::thread::sleep(gap);
         let mut content = std::fs::read(&target_a)?;
         content.extend_from_slice(format!("// edit {i}\n").as_bytes());
         let started = Instant::now();
