@@ -69,6 +69,10 @@ impl std::future::Future for ApplyAnswer {
     }
 }
 
+/// Entries applied at the end of a peer's index before their progress is
+/// saved anyway, when changes keep coming one page at a time.
+const PROGRESS_SAVE_ENTRIES: u64 = 1024;
+
 /// The answer to a request about a workspace not shared with `peer`.
 fn refused(workspace: WorkspaceId, peer: PeerId) -> Response {
     Response::Error {
@@ -827,9 +831,16 @@ impl Replicator {
                 break Err(e);
             }
             if pipeline.applied > saved {
-                self.save_progress(&store, &progress_key, pipeline.applied)?;
-                saved = pipeline.applied;
-                self.update_progress(workspace, peer, |p| p.applied = p.applied.max(saved));
+                // At the end of what there is, saved after the next request
+                // (below the loop, or with the next page): that request
+                // acknowledges what is applied, and a write transaction
+                // before it would delay `flush` and `touched --wait`.
+                if more || pipeline.applied - saved >= PROGRESS_SAVE_ENTRIES {
+                    self.save_progress(&store, &progress_key, pipeline.applied)?;
+                    saved = pipeline.applied;
+                }
+                let applied = pipeline.applied;
+                self.update_progress(workspace, peer, |p| p.applied = p.applied.max(applied));
             }
             if pipeline.failed.is_some() {
                 break Err("some entries could not be applied yet".into());
