@@ -48,6 +48,14 @@ pub fn resolve_inside(root: &Path, path: &RelPath) -> Result<PathBuf, WriteError
     Ok(current)
 }
 
+/// `path` under `root`, unchecked: for a path just written through
+/// [`resolve_inside`].
+pub fn join(root: &Path, path: &RelPath) -> PathBuf {
+    let mut joined = root.to_path_buf();
+    joined.extend(path.components());
+    joined
+}
+
 fn temp_path(target: &Path) -> PathBuf {
     let unique = format!("{TEMP_PREFIX}{}-{:x}", std::process::id(), rand_u64());
     target.with_file_name(unique)
@@ -148,6 +156,16 @@ pub fn prepare_entry(
     durability: Durability,
 ) -> Result<Prepared, WriteError> {
     let target = resolve_inside(root, &entry.path)?;
+    prepare_entry_at(target, entry, reader, durability)
+}
+
+/// [`prepare_entry`] for a target the caller resolved just before.
+pub fn prepare_entry_at(
+    target: PathBuf,
+    entry: &ManifestEntry,
+    reader: &ChunkReader,
+    durability: Durability,
+) -> Result<Prepared, WriteError> {
     let io = |source| WriteError::Io {
         path: entry.path.to_string(),
         source,

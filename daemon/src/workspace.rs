@@ -266,6 +266,18 @@ fn is_read_only_access(kind: &notify::EventKind) -> bool {
     matches!(kind, EventKind::Access(access) if !matches!(access, AccessKind::Close(AccessMode::Write)))
 }
 
+/// After [`scan::TEMP_PREFIX`], the name of a flush's cookie file.
+const COOKIE_PREFIX: &str = "cookie-";
+
+/// One of our temporary files, except a flush's cookie (which the worker
+/// waits to see).
+fn is_temp_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(scan::TEMP_PREFIX))
+        .is_some_and(|rest| !rest.starts_with(COOKIE_PREFIX))
+}
+
 /// The identity of a directory: a remounted or recreated root is another one.
 fn dir_identity(path: &Path) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -296,6 +308,11 @@ fn start_watcher(
             // reads would otherwise look like edits. Closing after a write
             // is kept: it marks the end of a save.
             Ok(event) if is_read_only_access(&event.kind) => return,
+            // Our own temporary files (three or four events for each file a
+            // peer sends): never part of the workspace.
+            Ok(event) if !event.paths.is_empty() && event.paths.iter().all(|p| is_temp_file(p)) => {
+                return;
+            }
             Ok(event) => Job::Changed(event.paths),
             Err(e) => Job::WatcherTrouble(format!("watcher error: {e}")),
         };
@@ -656,7 +673,7 @@ impl Worker {
             return None;
         }
         let name = format!(
-            "{}cookie-{}-{}",
+            "{}{COOKIE_PREFIX}{}-{}",
             scan::TEMP_PREFIX,
             std::process::id(),
             COOKIES.fetch_add(1, Ordering::Relaxed)
@@ -914,26 +931,32 @@ impl Worker {
         } else {
             materialize::Durability::Fsync
         };
+        let prewrite = |remote: &FileEntry| {
+            if remote.kind != FileKind::File || remote.deleted || !valid_remote(remote) {
+                return None;
+            }
+            let local = store.file(number, remote.path.as_str()).ok()?;
+            let local_entry = local.as_ref().map(|l| &l.entry);
+            (sync::decide(local_entry, remote) == sync::Decision::Apply).then(|| {
+                (
+                    remote.path.clone(),
+                    prepare_remote(&root, remote, local_entry, &reader, durability),
+                )
+            })
+        };
+        // One file (a save on a peer) is written on this thread: handing it
+        // to the pool and back costs two wake-ups on its way.
         let mut prewritten: std::collections::HashMap<
             RelPath,
             Result<Pending, materialize::WriteError>,
-        > = io_pool().install(|| {
-            use rayon::prelude::*;
-            entries
-                .par_iter()
-                .filter(|r| r.kind == FileKind::File && !r.deleted && valid_remote(r))
-                .filter_map(|remote| {
-                    let local = store.file(number, remote.path.as_str()).ok()?;
-                    let local_entry = local.as_ref().map(|l| &l.entry);
-                    (sync::decide(local_entry, remote) == sync::Decision::Apply).then(|| {
-                        (
-                            remote.path.clone(),
-                            prepare_remote(&root, remote, local_entry, &reader, durability),
-                        )
-                    })
-                })
-                .collect()
-        });
+        > = if candidates <= 1 {
+            entries.iter().filter_map(prewrite).collect()
+        } else {
+            io_pool().install(|| {
+                use rayon::prelude::*;
+                entries.par_iter().filter_map(prewrite).collect()
+            })
+        };
         let written_ms = started.elapsed().as_millis() as u64;
         if durability == materialize::Durability::Batched
             && prewritten.values().any(Result::is_ok)
@@ -1043,9 +1066,7 @@ impl Worker {
                     }
                     entry.sequence = next;
                     next += 1;
-                    if let Ok(path) = materialize::resolve_inside(&root, &entry.path)
-                        && let Some(parent) = path.parent()
-                    {
+                    if let Some(parent) = materialize::join(&root, &entry.path).parent() {
                         touched_dirs.insert(parent.to_path_buf());
                     }
                     received.push((
@@ -1525,8 +1546,8 @@ fn prepare_remote(
         }
         _ => Expected::Absent,
     };
-    let prepared = materialize::prepare_entry(
-        root,
+    let prepared = materialize::prepare_entry_at(
+        path,
         &crate::store::ManifestEntry::from_entry(remote),
         reader,
         durability,
@@ -1636,6 +1657,19 @@ pub fn plan_remote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watcher_drops_temporary_files_but_not_cookies() {
+        let temp = format!("/ws/src/{}123-ab", scan::TEMP_PREFIX);
+        assert!(is_temp_file(Path::new(&temp)));
+        let deleted = format!("/ws/{}del-123", scan::TEMP_PREFIX);
+        assert!(is_temp_file(Path::new(&deleted)));
+        // The cookie a flush waits for must reach the worker.
+        let cookie = format!("/ws/{}{COOKIE_PREFIX}123-4", scan::TEMP_PREFIX);
+        assert!(!is_temp_file(Path::new(&cookie)));
+        assert!(!is_temp_file(Path::new("/ws/src/main.rs")));
+        assert!(!is_temp_file(Path::new("/ws/.mariesync-tm")));
+    }
 
     #[test]
     fn counts_read_across_a_change_are_not_kept() {
