@@ -260,8 +260,18 @@ pub fn check_length(prefix: [u8; 4], max: usize) -> Result<usize, WireError> {
     Ok(len)
 }
 
+/// A frame's body as a message; bytes left over after it make the frame
+/// malformed (postcard alone would ignore them).
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, WireError> {
-    postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))
+    let (message, rest) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
+    }
+    Ok(message)
 }
 
 #[cfg(test)]
@@ -278,6 +288,13 @@ mod tests {
         let frame = encode(&hello).unwrap();
         let len = check_length(frame[..4].try_into().unwrap(), WIRE_FRAME_BYTES_MAX).unwrap();
         assert_eq!(decode::<Request>(&frame[4..4 + len]).unwrap(), hello);
+        // Anything after the message makes the frame malformed.
+        let mut longer = frame[4..4 + len].to_vec();
+        longer.push(0);
+        assert!(matches!(
+            decode::<Request>(&longer),
+            Err(WireError::Malformed(_))
+        ));
         assert_eq!(
             check_length(u32::MAX.to_le_bytes(), WIRE_FRAME_BYTES_MAX),
             Err(WireError::TooLarge(u32::MAX as usize, WIRE_FRAME_BYTES_MAX))
