@@ -31,17 +31,46 @@ pub enum WriteError {
 /// Resolves `path` under `root`, refusing a path whose parent directories
 /// are symlinks (they could lead outside the workspace).
 pub fn resolve_inside(root: &Path, path: &RelPath) -> Result<PathBuf, WriteError> {
+    resolve_inside_known(root, path, None)
+}
+
+/// Directories found to be real directories (not links) while one batch of
+/// a peer's files is written: the batch's other files in them are not
+/// checked again (5,000 files in 200 directories were 20,000 lstats).
+pub type KnownDirs = std::sync::Mutex<std::collections::HashSet<PathBuf>>;
+
+/// [`resolve_inside`], skipping the parents in `known` and adding those
+/// it finds to be directories.
+pub fn resolve_inside_known(
+    root: &Path,
+    path: &RelPath,
+    known: Option<&KnownDirs>,
+) -> Result<PathBuf, WriteError> {
+    let is_known = |dir: &Path| {
+        known.is_some_and(|k| k.lock().unwrap_or_else(|e| e.into_inner()).contains(dir))
+    };
     let mut current = root.to_path_buf();
     let components: Vec<&str> = path.components().collect();
     for component in &components[..components.len() - 1] {
         current.push(component);
+        if is_known(&current) {
+            continue;
+        }
         match std::fs::symlink_metadata(&current) {
             Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
                 return Err(WriteError::Escapes {
                     path: path.to_string(),
                 });
             }
-            _ => {}
+            Ok(_) => {
+                if let Some(known) = known {
+                    known
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(current.clone());
+                }
+            }
+            Err(_) => {}
         }
     }
     current.push(components[components.len() - 1]);
@@ -400,6 +429,31 @@ fn symlink(_target: &str, _link: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    #[cfg(unix)]
+    #[test]
+    fn directories_known_in_a_batch_never_let_a_link_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("src/deep")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
+        std::os::unix::fs::symlink("src", root.join("src-link")).unwrap();
+        let rel = |p: &str| RelPath::new(p.to_owned()).unwrap();
+        let known = KnownDirs::default();
+        resolve_inside_known(root, &rel("src/deep/a.rs"), Some(&known)).unwrap();
+        assert!(known.lock().unwrap().contains(&root.join("src/deep")));
+        // A known directory is not looked at again; a link beside it still is.
+        resolve_inside_known(root, &rel("src/deep/b.rs"), Some(&known)).unwrap();
+        for escaping in ["link/passwd", "src-link/deep/c.rs"] {
+            assert!(matches!(
+                resolve_inside_known(root, &rel(escaping), Some(&known)),
+                Err(WriteError::Escapes { .. })
+            ));
+        }
+        // What is not there yet is not remembered (it is created later).
+        resolve_inside_known(root, &rel("new/x.rs"), Some(&known)).unwrap();
+        assert!(!known.lock().unwrap().contains(&root.join("new")));
+    }
     use mariesync_protocol::{ChunkHash, FileKind, RelPath};
 
     /// A new version (empty: no chunks needed) of `path`.

@@ -931,6 +931,9 @@ impl Worker {
         } else {
             materialize::Durability::Fsync
         };
+        // Written before any link of this batch is made (links go in the
+        // loop below), so a parent checked once stays checked for the batch.
+        let known_dirs = materialize::KnownDirs::default();
         let prewrite = |remote: &FileEntry| {
             if remote.kind != FileKind::File || remote.deleted || !valid_remote(remote) {
                 return None;
@@ -940,7 +943,14 @@ impl Worker {
             (sync::decide(local_entry, remote) == sync::Decision::Apply).then(|| {
                 (
                     remote.path.clone(),
-                    prepare_remote(&root, remote, local_entry, &reader, durability),
+                    prepare_remote(
+                        &root,
+                        remote,
+                        local_entry,
+                        &reader,
+                        durability,
+                        Some(&known_dirs),
+                    ),
                 )
             })
         };
@@ -1494,6 +1504,7 @@ fn write_remote(
         live_local,
         reader,
         materialize::Durability::Fsync,
+        None,
     )?
     .finish(remote)
 }
@@ -1522,8 +1533,9 @@ fn prepare_remote(
     local: Option<&FileEntry>,
     reader: &ChunkReader,
     durability: materialize::Durability,
+    known: Option<&materialize::KnownDirs>,
 ) -> Result<Pending, materialize::WriteError> {
-    let path = materialize::resolve_inside(root, &remote.path)?;
+    let path = materialize::resolve_inside_known(root, &remote.path, known)?;
     let io = |source| materialize::WriteError::Io {
         path: remote.path.to_string(),
         source,
