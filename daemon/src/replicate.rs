@@ -69,10 +69,6 @@ impl std::future::Future for ApplyAnswer {
     }
 }
 
-/// Entries applied at the end of a peer's index before their progress is
-/// saved anyway, when changes keep coming one page at a time.
-const PROGRESS_SAVE_ENTRIES: u64 = 1024;
-
 /// The answer to a request about a workspace not shared with `peer`.
 fn refused(workspace: WorkspaceId, peer: PeerId) -> Response {
     Response::Error {
@@ -831,16 +827,9 @@ impl Replicator {
                 break Err(e);
             }
             if pipeline.applied > saved {
-                // At the end of what there is, saved after the next request
-                // (below the loop, or with the next page): that request
-                // acknowledges what is applied, and a write transaction
-                // before it would delay `flush` and `touched --wait`.
-                if more || pipeline.applied - saved >= PROGRESS_SAVE_ENTRIES {
-                    self.save_progress(&store, &progress_key, pipeline.applied)?;
-                    saved = pipeline.applied;
-                }
-                let applied = pipeline.applied;
-                self.update_progress(workspace, peer, |p| p.applied = p.applied.max(applied));
+                self.save_progress(workspace, &store, &progress_key, pipeline.applied)?;
+                saved = pipeline.applied;
+                self.update_progress(workspace, peer, |p| p.applied = p.applied.max(saved));
             }
             if pipeline.failed.is_some() {
                 break Err("some entries could not be applied yet".into());
@@ -854,7 +843,7 @@ impl Replicator {
         // go, and what it applied counts.
         let finished = pipeline.finish().await;
         if pipeline.applied > saved {
-            self.save_progress(&store, &progress_key, pipeline.applied)?;
+            self.save_progress(workspace, &store, &progress_key, pipeline.applied)?;
         }
         result.and(finished)
     }
@@ -862,12 +851,19 @@ impl Replicator {
     /// Progress is saved lazily: the entries it covers are committed
     /// durably already, and progress lost to a crash only means reading
     /// them again (applying is idempotent).
+    /// Not once the workspace is removed here: `workspace remove` forgets
+    /// its progress, and a pull ending after that would bring it back, so
+    /// that a later re-add would skip the peer's entries up to it.
     fn save_progress(
         &self,
+        workspace: WorkspaceId,
         store: &crate::store::Store,
         key: &str,
         applied: u64,
     ) -> Result<(), String> {
+        if self.daemon()?.workspace_number(workspace).is_none() {
+            return Ok(());
+        }
         store
             .meta_put_lazy(key, Some(&applied.to_le_bytes()))
             .map_err(|e| e.to_string())
