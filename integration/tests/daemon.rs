@@ -352,6 +352,7 @@ fn polling_status_does_not_churn_memory() {
         device.ok("status", json!({}));
     }
     let faults = faults() - before;
-    // 3 to 7 here; a trim after each answer made it 400 to 800.
-    assert!(faults < 100, "{faults} page faults for 200 status calls");
+    // 3 to 7 here; a trim after each answer made it 400 to 800. A CI run
+    // once counted 101 (background work of the daemon in the same window).
+    assert!(faults < 200, "{faults} page faults for 200 status calls");
 }
