@@ -851,6 +851,7 @@ impl Replicator {
     /// Progress is saved lazily: the entries it covers are committed
     /// durably already, and progress lost to a crash only means reading
     /// them again (applying is idempotent).
+    ///
     /// Not once the workspace is removed here: `workspace remove` forgets
     /// its progress, and a pull ending after that would bring it back, so
     /// that a later re-add would skip the peer's entries up to it.
