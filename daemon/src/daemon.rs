@@ -60,6 +60,9 @@ pub struct Daemon {
 /// Paths one `workspace.touched` call may name.
 const TOUCHED_PATHS_MAX: usize = 10_000;
 
+/// Paths of a `workspace.touched` call resolved without a thread hop.
+const TOUCHED_PATHS_INLINE_MAX: usize = 16;
+
 /// How often unreferenced chunks are collected, when there may be some.
 const GC_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
@@ -445,15 +448,21 @@ impl Daemon {
                 }
                 let root = self.resolve(&p.workspace)?.root.clone();
                 // Resolving paths touches the file system: not on the
-                // async threads.
-                let paths = tokio::task::spawn_blocking(move || {
+                // async threads, unless they are few (a save's).
+                let few = p.paths.len() <= TOUCHED_PATHS_INLINE_MAX;
+                let resolve = move || {
                     p.paths
                         .iter()
                         .map(|path| relative_to(&root, path))
                         .collect::<Result<Vec<_>, _>>()
-                })
-                .await
-                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+                };
+                let paths = if few {
+                    crate::short_blocking(resolve)?
+                } else {
+                    tokio::task::spawn_blocking(resolve)
+                        .await
+                        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??
+                };
                 let scanned = self
                     .job(&p.workspace, |reply| Job::Scan {
                         scope: Scope::Paths(paths),

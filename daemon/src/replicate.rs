@@ -924,13 +924,19 @@ impl Replicator {
             .chain(std::iter::once(last_sequence))
             .collect();
         for (group, end) in groups.into_iter().zip(ends) {
+            let group_len = group.len();
             let plan_store = store.clone();
-            let (group, missing) = tokio::task::spawn_blocking(move || {
+            let plan = move || {
                 let missing = crate::workspace::plan_remote(&plan_store, number, &group);
                 (group, missing)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            };
+            let (group, missing) = if group_len <= PUSH_ENTRIES_MAX {
+                crate::short_blocking(plan)
+            } else {
+                tokio::task::spawn_blocking(plan)
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
             let missing = missing.map_err(|e| e.to_string())?;
             // Pinned from before they are stored until the entries that
             // reference them are committed: GC keeps them, and a crash in
@@ -1200,7 +1206,7 @@ impl Replicator {
         let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
         let store = store.clone();
         let network = self.network.clone();
-        let got = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
+        let receive = move || -> Result<Vec<ChunkHash>, String> {
             let offence = |reason: String| network.cut_off(peer, reason);
             let verb = match arrival {
                 Arrival::Fetched => "sent",
@@ -1229,9 +1235,14 @@ impl Replicator {
                 .map_err(|e| e.to_string())?;
             }
             Ok(verified.iter().map(|c| c.hash).collect())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        };
+        // What a peer pushes is small and on a save's way to this device.
+        let got = match arrival {
+            Arrival::Pushed => crate::short_blocking(receive)?,
+            Arrival::Fetched => tokio::task::spawn_blocking(receive)
+                .await
+                .map_err(|e| e.to_string())??,
+        };
         *self
             .fetched_from
             .lock()
@@ -1307,7 +1318,10 @@ impl Replicator {
             .get(&(workspace, peer))?;
         let store = daemon.store.clone();
         drop(daemon);
-        let page = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+        // A page is small (PUSH_ENTRIES_MAX, PUSH_BYTES_MAX): read on this
+        // thread, a save's way to the peer waits for it (see
+        // `crate::short_blocking`).
+        let page = crate::short_blocking(move || -> crate::store::Result<_> {
             let changes = store.changes_since(number, after, PUSH_ENTRIES_MAX)?;
             if changes.more || changes.entries.is_empty() {
                 return Ok(None);
@@ -1348,15 +1362,13 @@ impl Replicator {
                 head: changes.head,
                 chunks,
             })))
-        })
-        .await;
+        });
         match page {
-            Ok(Ok(page)) => page,
-            Ok(Err(e)) => {
+            Ok(page) => page,
+            Err(e) => {
                 tracing::warn!(%peer, %workspace, "not pushing a change: {e}");
                 None
             }
-            Err(_) => None,
         }
     }
 

@@ -469,12 +469,15 @@ impl Worker {
                     self.repair();
                 }
                 Job::Apply { entries, reply } => {
+                    let mut reply = Some(reply);
                     let result = if self.is_paused() {
                         Err(self.paused_error())
                     } else {
-                        self.apply_remote(entries)
+                        self.apply_remote(entries, &mut reply)
                     };
-                    let _ = reply.send(result);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
                 }
                 Job::Resume { reply } => {
                     let result = self.resume(true);
@@ -891,8 +894,17 @@ impl Worker {
     /// Applies a peer's entries: each path gets the version the sans-IO
     /// core picks, written atomically and only over what the index knows.
     /// Returns the peer's sequence of the first entry that could not be
-    /// applied (tried again later), if any.
-    fn apply_remote(&mut self, entries: Vec<FileEntry>) -> Result<Option<u64>, RpcError> {
+    /// applied (tried again later), if any; through `reply` as soon as the
+    /// batch is committed when it had no conflict and no corrupt chunk:
+    /// that answer becomes the acknowledgement a peer's `touched --wait` or
+    /// `flush` waits for, and the events need not hold it up (they woke
+    /// the tasks that announce our news, and the answer waited 0.4 ms for a
+    /// thread on the development VM).
+    fn apply_remote(
+        &mut self,
+        entries: Vec<FileEntry>,
+        reply: &mut Option<oneshot::Sender<Result<Option<u64>, RpcError>>>,
+    ) -> Result<Option<u64>, RpcError> {
         let store = self.context.store.clone();
         let number = self.shared.number;
         let root = self.shared.root.clone();
@@ -967,7 +979,7 @@ impl Worker {
                 entries.par_iter().filter_map(prewrite).collect()
             })
         };
-        let written_ms = started.elapsed().as_millis() as u64;
+        let written_us = started.elapsed().as_micros() as u64;
         if durability == materialize::Durability::Batched
             && prewritten.values().any(Result::is_ok)
             && let Err(e) = materialize::sync_batch(&root)
@@ -988,7 +1000,7 @@ impl Worker {
                 })
                 .collect();
         }
-        let synced_ms = started.elapsed().as_millis() as u64;
+        let synced_us = started.elapsed().as_micros() as u64;
         let mut touched_dirs = BTreeSet::new();
         let mut received: Vec<(&str, Value)> = Vec::new();
         // Paths decided in this batch, and those that could not be written
@@ -1125,7 +1137,7 @@ impl Worker {
                 materialize::sync_dir(dir);
             }
         }
-        let renamed_ms = started.elapsed().as_millis() as u64;
+        let renamed_us = started.elapsed().as_micros() as u64;
         // Entries the index already had (a peer relaying our own changes
         // back, say) change nothing: no commit, and no fsync for nothing.
         if !(batch.upserts.is_empty() && batch.forget.is_empty()) {
@@ -1137,24 +1149,33 @@ impl Worker {
             workspace = %self.shared.name,
             files = batch.upserts.len(),
             dirs = touched_dirs.len(),
-            written_ms,
-            synced_ms,
-            renamed_ms,
-            committed_ms = started.elapsed().as_millis() as u64,
+            written_us,
+            synced_us,
+            renamed_us,
+            committed_us = started.elapsed().as_micros() as u64,
             "applied a peer's entries"
         );
+        self.note_not_applied(&settled, failures);
+        if !batch.upserts.is_empty() {
+            self.shared.update(Status::invalidate_totals);
+            self.context.garbage.store(true, Ordering::Relaxed);
+        }
+        // The common case answers now. Corrupt chunks are dropped first
+        // (the pull would otherwise go on and find them still stored), and
+        // conflict copies indexed first, as before.
+        if corrupt.is_empty()
+            && rescan.is_empty()
+            && let Some(reply) = reply.take()
+        {
+            let _ = reply.send(Ok(first_failed));
+        }
         // Announced only once committed and durable: a peer told earlier
         // would pull before the entries can be served, and not again.
         for (kind, event) in received {
             self.context.events.publish(kind, event);
         }
-        self.note_not_applied(&settled, failures);
         drop(references);
         self.drop_corrupt(&corrupt);
-        if !batch.upserts.is_empty() {
-            self.shared.update(Status::invalidate_totals);
-            self.context.garbage.store(true, Ordering::Relaxed);
-        }
         if !rescan.is_empty() {
             let _ = self.scan(Scope::Paths(rescan), false);
         }
