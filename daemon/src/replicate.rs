@@ -717,7 +717,12 @@ impl Replicator {
     async fn pull_pages(&self, workspace: WorkspaceId, peer: PeerId) -> Result<(), String> {
         let progress_key = format!("progress/{workspace}/{peer}");
         tracing::debug!(%peer, %workspace, "pulling");
-        let store = self.daemon()?.store.clone();
+        let daemon = self.daemon()?;
+        let store = daemon.store.clone();
+        let number = daemon
+            .workspace_number(workspace)
+            .ok_or("the workspace was removed")?;
+        drop(daemon);
         let mut pipeline = Pipeline {
             applied: store
                 .meta_get(&progress_key)
@@ -827,7 +832,7 @@ impl Replicator {
                 break Err(e);
             }
             if pipeline.applied > saved {
-                self.save_progress(workspace, &store, &progress_key, pipeline.applied)?;
+                self.save_progress(workspace, number, &store, &progress_key, pipeline.applied)?;
                 saved = pipeline.applied;
                 self.update_progress(workspace, peer, |p| p.applied = p.applied.max(saved));
             }
@@ -843,7 +848,7 @@ impl Replicator {
         // go, and what it applied counts.
         let finished = pipeline.finish().await;
         if pipeline.applied > saved {
-            self.save_progress(workspace, &store, &progress_key, pipeline.applied)?;
+            self.save_progress(workspace, number, &store, &progress_key, pipeline.applied)?;
         }
         result.and(finished)
     }
@@ -854,19 +859,20 @@ impl Replicator {
     ///
     /// Not once the workspace is removed here: `workspace remove` forgets
     /// its progress, and a pull ending after that would bring it back, so
-    /// that a later re-add would skip the peer's entries up to it.
+    /// that a later re-add would skip the peer's entries up to it. The
+    /// check is made in the commit that saves it, against the workspace
+    /// `number` the pull began with (never given to another workspace).
     fn save_progress(
         &self,
         workspace: WorkspaceId,
+        number: u32,
         store: &crate::store::Store,
         key: &str,
         applied: u64,
     ) -> Result<(), String> {
-        if self.daemon()?.workspace_number(workspace).is_none() {
-            return Ok(());
-        }
         store
-            .meta_put_lazy(key, Some(&applied.to_le_bytes()))
+            .meta_put_lazy_for(number, workspace, key, Some(&applied.to_le_bytes()))
+            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 

@@ -68,6 +68,8 @@ const CHECKPOINTS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("ch
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 /// Small named values: schema version, counters, restore intents.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// In `META`: the number the next workspace added gets, at least.
+const NEXT_WORKSPACE_NUMBER: &str = "next_workspace_number";
 /// (document name, part number) -> Automerge bytes: part 0 a full save,
 /// the others incremental saves appended since, loaded in order.
 const SETTINGS_DOCS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("settings_docs");
@@ -483,11 +485,32 @@ impl Store {
         Ok(out)
     }
 
-    /// [`Store::meta_put`] without waiting for the disk: durable with the
-    /// next durable commit, lost by a crash before it. For what may be
-    /// lost (progress that is read again), on paths where a sync costs.
-    pub fn meta_put_lazy(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
-        self.meta_put_with(&[(key, value)], Durability::None)
+    /// [`Store::meta_put`] without waiting for the disk (durable with the
+    /// next durable commit, lost by a crash before it), and only while
+    /// workspace `number` is `id`. For what may be lost (progress that is
+    /// read again), on paths where a sync costs, and that the workspace's
+    /// removal forgets, written by a task that may end after it. Whether
+    /// it was written.
+    pub fn meta_put_lazy_for(
+        &self,
+        number: u32,
+        id: WorkspaceId,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<bool> {
+        let txn = self.begin_write_with(Durability::None)?;
+        let present = match txn.open_table(WORKSPACES)?.get(number)? {
+            Some(v) => records::decode::<WorkspaceRecord>(v.value())?.id == id,
+            None => false,
+        };
+        if !present {
+            let Write { txn, _writer } = txn;
+            txn.abort()?;
+            return Ok(false);
+        }
+        put_meta(&txn, &[(key, value)])?;
+        self.commit(txn)?;
+        Ok(true)
     }
 
     /// Writes several metadata entries in one durable commit.
@@ -535,9 +558,19 @@ impl Store {
         let txn = self.begin_write()?;
         let number;
         {
+            // Never a number a removed workspace had: what is keyed by it
+            // outside the workspace's tables (a pull's progress saved as
+            // the removal happens) cannot pass for the new one's.
             let mut table = txn.open_table(WORKSPACES)?;
-            number = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            let mut meta = txn.open_table(META)?;
+            let after_last = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            let unused = meta
+                .get(NEXT_WORKSPACE_NUMBER)?
+                .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+                .map_or(1, u32::from_le_bytes);
+            number = after_last.max(unused);
             table.insert(number, records::encode(record).as_slice())?;
+            meta.insert(NEXT_WORKSPACE_NUMBER, (number + 1).to_le_bytes().as_slice())?;
         }
         self.commit_marked(txn, true, Some((number, record.next_sequence)), None)?;
         Ok(number)
@@ -1526,6 +1559,82 @@ mod tests {
             modified_by: String::new(),
         };
         (IndexedFile { entry, stat: None }, encode_chunk(hash, data))
+    }
+
+    /// A pull's progress is keyed by its workspace and saved as the pull
+    /// ends, maybe just after `workspace remove` forgot it: it must not
+    /// come back then, nor count for a workspace added after the removal.
+    #[test]
+    fn progress_of_a_removed_workspace_is_never_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let record = |id: u8| WorkspaceRecord {
+            id: WorkspaceId([id; 16]),
+            name: "w".into(),
+            path: "/w".into(),
+            state: WorkspaceState::Active,
+            next_sequence: 1,
+            created_ms: 0,
+        };
+        let first = store.add_workspace(&record(3)).unwrap();
+        let id = WorkspaceId([3; 16]);
+        assert!(
+            store
+                .meta_put_lazy_for(first, id, "progress/x", Some(b"7"))
+                .unwrap()
+        );
+        assert_eq!(
+            store.meta_get("progress/x").unwrap().as_deref(),
+            Some(&b"7"[..])
+        );
+        // Another workspace id under that number is not this one.
+        assert!(
+            !store
+                .meta_put_lazy_for(first, WorkspaceId([4; 16]), "progress/y", Some(b"1"))
+                .unwrap()
+        );
+        assert_eq!(store.meta_get("progress/y").unwrap(), None);
+
+        store.remove_workspace(first).unwrap();
+        store.meta_put("progress/x", None).unwrap();
+        assert!(
+            !store
+                .meta_put_lazy_for(first, id, "progress/x", Some(b"9"))
+                .unwrap()
+        );
+        assert_eq!(
+            store.meta_get("progress/x").unwrap(),
+            None,
+            "written back after the removal"
+        );
+
+        // Added again (it was the last one): a new number, so a pull that
+        // began before the removal still cannot write.
+        let second = store.add_workspace(&record(3)).unwrap();
+        assert_ne!(
+            second, first,
+            "a removed workspace's number was given again"
+        );
+        assert!(
+            !store
+                .meta_put_lazy_for(first, id, "progress/x", Some(b"9"))
+                .unwrap()
+        );
+        assert!(
+            store
+                .meta_put_lazy_for(second, id, "progress/x", Some(b"2"))
+                .unwrap()
+        );
+        assert_eq!(
+            store.meta_get("progress/x").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        // Numbers stay unique across a restart too.
+        drop(store);
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        store.remove_workspace(second).unwrap();
+        let third = store.add_workspace(&record(3)).unwrap();
+        assert!(third > second, "{third} after {second}");
     }
 
     #[test]
