@@ -1,6 +1,13 @@
 //! The command line. Every command but `daemon` is a thin client of the IPC
 //! API: it sends one method with the same name and shape and prints the
 //! result, as the JSON object itself with `--json`, for humans otherwise.
+//!
+//! Two binaries share it. `mariesync` ([`main`]) does not link the daemon:
+//! its `daemon` command runs `mariesyncd` from the same directory in its
+//! place (exec, so the process is the same one). `mariesyncd`
+//! ([`daemon_main`]) runs the daemon itself. The whole daemon linked in
+//! made every command start in 3.1 to 3.4 ms instead of 1.3 to 2: the
+//! dynamic loader relocated 33,000 pointers and faulted their pages in.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -115,6 +122,9 @@ enum Command {
         stdio: bool,
     },
 }
+
+/// The daemon's file name, beside `mariesync`.
+pub const DAEMON_BINARY: &str = "mariesyncd";
 
 #[derive(Args)]
 struct DaemonArgs {
@@ -430,7 +440,20 @@ enum StoreCommand {
     Gc,
 }
 
+/// `mariesync`: `daemon` runs [`DAEMON_BINARY`] instead.
 pub fn main() -> ExitCode {
+    main_with(exec_daemon)
+}
+
+/// `mariesyncd`: the same command line, whose `daemon` runs here.
+pub fn daemon_main() -> ExitCode {
+    main_with(run_daemon)
+}
+
+/// How the `daemon` command runs the daemon.
+type RunDaemon = fn(HomePaths, DaemonArgs) -> Result<(), Failure>;
+
+fn main_with(daemon: RunDaemon) -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -443,7 +466,7 @@ pub fn main() -> ExitCode {
         }
     };
     let json_output = cli.json;
-    match run(cli) {
+    match run(cli, daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json_output && !matches!(e, Failure::Reported(_)) {
@@ -470,11 +493,11 @@ enum Failure {
     Reported(String),
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+fn run(cli: Cli, daemon: RunDaemon) -> Result<(), Failure> {
     let paths = HomePaths::resolve(cli.home.as_deref()).map_err(Failure::Other)?;
     let json_output = cli.json;
     let (name, params) = match cli.command {
-        Command::Daemon(args) => return run_daemon(paths, args),
+        Command::Daemon(args) => return daemon(paths, args),
         Command::Proxy { .. } => return proxy(&paths),
         Command::Events { since } => return follow_events(&paths, since),
         Command::Ipc { method, params } => {
@@ -614,6 +637,38 @@ fn run(cli: Cli) -> Result<(), Failure> {
         show_scan_progress(&mut client, id);
     }
     Ok(())
+}
+
+/// Replaces this process with [`DAEMON_BINARY`] from this binary's
+/// directory, given the same arguments (and environment).
+fn exec_daemon(_: HomePaths, _: DaemonArgs) -> Result<(), Failure> {
+    let me = std::env::current_exe()
+        .map_err(|e| Failure::Other(format!("cannot tell where this program is: {e}")))?;
+    let daemon = me.with_file_name(format!("{DAEMON_BINARY}{}", std::env::consts::EXE_SUFFIX));
+    let mut command = std::process::Command::new(&daemon);
+    command.args(std::env::args_os().skip(1));
+    let failed = |e: std::io::Error| {
+        Failure::Other(format!(
+            "cannot run the daemon {}: {e} (it is installed beside mariesync; `cargo build --release` builds both)",
+            daemon.display()
+        ))
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        Err(failed(command.exec()))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = command.status().map_err(failed)?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Failure::Reported(format!(
+                "the daemon exited with {status}"
+            )))
+        }
+    }
 }
 
 fn run_daemon(paths: HomePaths, args: DaemonArgs) -> Result<(), Failure> {

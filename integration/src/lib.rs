@@ -36,6 +36,9 @@ pub fn bin() -> PathBuf {
                 "mariesync",
                 "--bin",
                 "mariesync",
+                // What `mariesync daemon` runs.
+                "--bin",
+                "mariesyncd",
                 "--message-format=json",
                 "--manifest-path",
             ])

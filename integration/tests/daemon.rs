@@ -27,6 +27,36 @@ fn second_daemon_on_a_home_is_refused() {
     device.ok("id", json!({}));
 }
 
+/// `mariesync daemon` runs the `mariesyncd` beside it, in its own process
+/// (the lock names the pid the test started, in the test above); without
+/// one there, it says what is missing and starts nothing.
+#[test]
+fn the_command_line_without_its_daemon_says_so() {
+    let dir = temp_dir();
+    let alone = dir.path().join("mariesync");
+    std::fs::copy(bin(), &alone).unwrap();
+    let home = dir.path().join("home");
+    let output = std::process::Command::new(&alone)
+        .args(["daemon", "--home"])
+        .arg(&home)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot run the daemon"), "{stderr}");
+    assert!(
+        stderr.contains(&dir.path().join("mariesyncd").display().to_string()),
+        "{stderr}"
+    );
+    assert!(!home.exists(), "the home was made");
+    // The other commands need no daemon binary.
+    let output = std::process::Command::new(&alone)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+}
+
 /// SIGTERM shuts down cleanly (exit 0, socket removed); the next start
 /// finds everything.
 #[test]

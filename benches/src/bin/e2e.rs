@@ -3,7 +3,7 @@
 //! and checkpoint time.
 //!
 //! ```sh
-//! cargo build --release --bin mariesync
+//! cargo build --release -p mariesync   # mariesync and mariesyncd
 //! cargo run --release -p mariesync-benches --bin e2e -- --files 100000 --bytes 1GiB
 //! ```
 //! Options: `--workdir DIR` (default /var/tmp/mariesync-bench; the workspace
@@ -133,9 +133,9 @@ fn main() -> anyhow::Result<()> {
         Some(bin) => PathBuf::from(bin),
         None => std::env::current_exe()?.with_file_name("mariesync"),
     };
-    if !bin.exists() {
+    if !bin.exists() || !bin.with_file_name(mariesync::cli::DAEMON_BINARY).exists() {
         bail!(
-            "{} not found: build it with `cargo build --release --bin mariesync` or pass --bin",
+            "{} not found: build it with `cargo build --release -p mariesync` or pass --bin",
             bin.display()
         );
     }

@@ -5,7 +5,7 @@
 //! with the `touched` hint.
 //!
 //! ```sh
-//! cargo build --release --bin mariesync
+//! cargo build --release -p mariesync   # mariesync and mariesyncd
 //! cargo run --release -p mariesync-benches --bin e2e_sync -- [--files 5000] [--binaries 4] [--edits 20] [--gap-ms 300] [--dir /var/tmp] [--share-first] [--perf FILE [--perf-dwarf] [--perf-event E]]
 //! ```
 

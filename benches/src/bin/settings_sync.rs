@@ -5,7 +5,7 @@
 //! and compacted, the time to load it, and a daemon's start with it.
 //!
 //! ```sh
-//! cargo build --release --bin mariesync
+//! cargo build --release -p mariesync   # mariesync and mariesyncd
 //! cargo run --release -p mariesync-benches --bin settings_sync -- [--changes 1000] [--history 10000]
 //! ```
 

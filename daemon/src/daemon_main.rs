@@ -1,0 +1,5 @@
+//! `mariesyncd`: the daemon, and the same command line as `mariesync`.
+
+fn main() -> std::process::ExitCode {
+    mariesync::cli::daemon_main()
+}
