@@ -1578,35 +1578,22 @@ mod tests {
         };
         let first = store.add_workspace(&record(3)).unwrap();
         let id = WorkspaceId([3; 16]);
-        assert!(
+        let save = |number, id, value: &[u8]| {
             store
-                .meta_put_lazy_for(first, id, "progress/x", Some(b"7"))
+                .meta_put_lazy_for(number, id, "progress/x", Some(value))
                 .unwrap()
-        );
-        assert_eq!(
-            store.meta_get("progress/x").unwrap().as_deref(),
-            Some(&b"7"[..])
-        );
+        };
+        let saved = || store.meta_get("progress/x").unwrap();
+        assert!(save(first, id, b"7"));
+        assert_eq!(saved().as_deref(), Some(&b"7"[..]));
         // Another workspace id under that number is not this one.
-        assert!(
-            !store
-                .meta_put_lazy_for(first, WorkspaceId([4; 16]), "progress/y", Some(b"1"))
-                .unwrap()
-        );
-        assert_eq!(store.meta_get("progress/y").unwrap(), None);
+        assert!(!save(first, WorkspaceId([4; 16]), b"1"));
+        assert_eq!(saved().as_deref(), Some(&b"7"[..]));
 
         store.remove_workspace(first).unwrap();
         store.meta_put("progress/x", None).unwrap();
-        assert!(
-            !store
-                .meta_put_lazy_for(first, id, "progress/x", Some(b"9"))
-                .unwrap()
-        );
-        assert_eq!(
-            store.meta_get("progress/x").unwrap(),
-            None,
-            "written back after the removal"
-        );
+        assert!(!save(first, id, b"9"));
+        assert_eq!(saved(), None, "written back after the removal");
 
         // Added again (it was the last one): a new number, so a pull that
         // began before the removal still cannot write.
@@ -1615,20 +1602,9 @@ mod tests {
             second, first,
             "a removed workspace's number was given again"
         );
-        assert!(
-            !store
-                .meta_put_lazy_for(first, id, "progress/x", Some(b"9"))
-                .unwrap()
-        );
-        assert!(
-            store
-                .meta_put_lazy_for(second, id, "progress/x", Some(b"2"))
-                .unwrap()
-        );
-        assert_eq!(
-            store.meta_get("progress/x").unwrap().as_deref(),
-            Some(&b"2"[..])
-        );
+        assert!(!save(first, id, b"9"));
+        assert!(save(second, id, b"2"));
+        assert_eq!(saved().as_deref(), Some(&b"2"[..]));
         // Numbers stay unique across a restart too.
         drop(store);
         let store = Store::open(&dir.path().join("db.redb")).unwrap();
