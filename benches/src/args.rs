@@ -37,18 +37,24 @@ impl Args {
     }
 }
 
-/// The `mariesync` beside this program (the same build), made the one the
-/// integration harness starts (its `daemon` runs the `mariesyncd` beside
-/// it). Call before any thread starts.
-pub fn use_sibling_daemon() -> anyhow::Result<PathBuf> {
-    let bin = std::env::current_exe()?.with_file_name("mariesync");
-    for needed in [bin.clone(), bin.with_file_name("mariesyncd")] {
+/// `mariesync` at `bin` and the `mariesyncd` its `daemon` runs, beside it.
+pub fn ensure_built(bin: &std::path::Path) -> anyhow::Result<()> {
+    for needed in [bin, &bin.with_file_name(mariesync::cli::DAEMON_BINARY)] {
         anyhow::ensure!(
             needed.exists(),
             "{} not found: build it with `cargo build --release -p mariesync`",
             needed.display()
         );
     }
+    Ok(())
+}
+
+/// The `mariesync` beside this program (the same build), made the one the
+/// integration harness starts (its `daemon` runs the `mariesyncd` beside
+/// it). Call before any thread starts.
+pub fn use_sibling_daemon() -> anyhow::Result<PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("mariesync");
+    ensure_built(&bin)?;
     // SAFETY: the caller runs this before any thread reads the environment.
     unsafe { std::env::set_var("MARIESYNC_BIN", &bin) };
     Ok(bin)

@@ -450,19 +450,14 @@ impl Daemon {
                 // Resolving paths touches the file system: not on the
                 // async threads, unless they are few (a save's).
                 let few = p.paths.len() <= TOUCHED_PATHS_INLINE_MAX;
-                let resolve = move || {
+                let paths = crate::run_blocking(few, move || {
                     p.paths
                         .iter()
                         .map(|path| relative_to(&root, path))
                         .collect::<Result<Vec<_>, _>>()
-                };
-                let paths = if few {
-                    crate::short_blocking(resolve)?
-                } else {
-                    tokio::task::spawn_blocking(resolve)
-                        .await
-                        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??
-                };
+                })
+                .await
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
                 let scanned = self
                     .job(&p.workspace, |reply| Job::Scan {
                         scope: Scope::Paths(paths),

@@ -27,6 +27,19 @@ pub fn short_blocking<R>(work: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Blocking work: [`short_blocking`] when the caller knows it is `short`,
+/// else on tokio's blocking pool.
+pub async fn run_blocking<R: Send + 'static>(
+    short: bool,
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError> {
+    if short {
+        Ok(short_blocking(work))
+    } else {
+        tokio::task::spawn_blocking(work).await
+    }
+}
+
 pub mod checkpoint;
 pub mod cli;
 pub mod daemon;

@@ -429,6 +429,7 @@ fn symlink(_target: &str, _link: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::store::Store;
+    use mariesync_protocol::{ChunkHash, FileKind, RelPath};
 
     #[cfg(unix)]
     #[test]
@@ -454,7 +455,6 @@ mod tests {
         resolve_inside_known(root, &rel("new/x.rs"), Some(&known)).unwrap();
         assert!(!known.lock().unwrap().contains(&root.join("new")));
     }
-    use mariesync_protocol::{ChunkHash, FileKind, RelPath};
 
     /// A new version (empty: no chunks needed) of `path`.
     fn empty_version(path: &str) -> ManifestEntry {

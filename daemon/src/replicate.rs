@@ -930,19 +930,14 @@ impl Replicator {
             .chain(std::iter::once(last_sequence))
             .collect();
         for (group, end) in groups.into_iter().zip(ends) {
-            let group_len = group.len();
             let plan_store = store.clone();
-            let plan = move || {
-                let missing = crate::workspace::plan_remote(&plan_store, number, &group);
-                (group, missing)
-            };
-            let (group, missing) = if group_len <= PUSH_ENTRIES_MAX {
-                crate::short_blocking(plan)
-            } else {
-                tokio::task::spawn_blocking(plan)
-                    .await
-                    .map_err(|e| e.to_string())?
-            };
+            let (group, missing) =
+                crate::run_blocking(group.len() <= PUSH_ENTRIES_MAX, move || {
+                    let missing = crate::workspace::plan_remote(&plan_store, number, &group);
+                    (group, missing)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
             let missing = missing.map_err(|e| e.to_string())?;
             // Pinned from before they are stored until the entries that
             // reference them are committed: GC keeps them, and a crash in
@@ -1212,7 +1207,9 @@ impl Replicator {
         let bytes: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
         let store = store.clone();
         let network = self.network.clone();
-        let receive = move || -> Result<Vec<ChunkHash>, String> {
+        // What a peer pushes is small and on a save's way to this device.
+        let pushed = matches!(arrival, Arrival::Pushed);
+        let got = crate::run_blocking(pushed, move || -> Result<Vec<ChunkHash>, String> {
             let offence = |reason: String| network.cut_off(peer, reason);
             let verb = match arrival {
                 Arrival::Fetched => "sent",
@@ -1241,14 +1238,9 @@ impl Replicator {
                 .map_err(|e| e.to_string())?;
             }
             Ok(verified.iter().map(|c| c.hash).collect())
-        };
-        // What a peer pushes is small and on a save's way to this device.
-        let got = match arrival {
-            Arrival::Pushed => crate::short_blocking(receive)?,
-            Arrival::Fetched => tokio::task::spawn_blocking(receive)
-                .await
-                .map_err(|e| e.to_string())??,
-        };
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         *self
             .fetched_from
             .lock()

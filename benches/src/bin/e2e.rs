@@ -133,12 +133,8 @@ fn main() -> anyhow::Result<()> {
         Some(bin) => PathBuf::from(bin),
         None => std::env::current_exe()?.with_file_name("mariesync"),
     };
-    if !bin.exists() || !bin.with_file_name(mariesync::cli::DAEMON_BINARY).exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p mariesync` or pass --bin",
-            bin.display()
-        );
-    }
+    mariesync_benches::args::ensure_built(&bin)
+        .map_err(|e| anyhow::anyhow!("{e}, or pass --bin"))?;
     let drop_caches = args.has("--drop-caches");
 
     let tree = workdir.join(format!("ws-{files}-{bytes}"));

@@ -1535,6 +1535,7 @@ fn put_meta(txn: &redb::WriteTransaction, entries: &[(&str, Option<&[u8]>)]) -> 
 
 #[cfg(test)]
 mod tests {
+    use super::change_feed_tests::record;
     use super::*;
     use mariesync_protocol::index::ChunkRef;
     use mariesync_protocol::{FileEntry, FileKind, VersionVector};
@@ -1568,14 +1569,6 @@ mod tests {
     fn progress_of_a_removed_workspace_is_never_written_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db.redb")).unwrap();
-        let record = |id: u8| WorkspaceRecord {
-            id: WorkspaceId([id; 16]),
-            name: "w".into(),
-            path: "/w".into(),
-            state: WorkspaceState::Active,
-            next_sequence: 1,
-            created_ms: 0,
-        };
         let first = store.add_workspace(&record(3)).unwrap();
         let id = WorkspaceId([3; 16]);
         let save = |number, id, value: &[u8]| {
@@ -1617,16 +1610,7 @@ mod tests {
     fn gc_rewrites_mostly_dead_packs_and_keeps_live_chunks_readable() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db.redb")).unwrap();
-        let ws = store
-            .add_workspace(&WorkspaceRecord {
-                id: WorkspaceId([3; 16]),
-                name: "w".into(),
-                path: "/w".into(),
-                state: WorkspaceState::Active,
-                next_sequence: 1,
-                created_ms: 0,
-            })
-            .unwrap();
+        let ws = store.add_workspace(&record(3)).unwrap();
         // Ten 100 KB chunks in one pack, spanning parts.
         let contents: Vec<Vec<u8>> = (0..10u8)
             .map(|i| {
@@ -1681,7 +1665,8 @@ mod change_feed_tests {
     use super::*;
     use mariesync_protocol::{FileKind, VersionVector};
 
-    fn record(id: u8) -> WorkspaceRecord {
+    /// A workspace record with an id made of `id` (the other tests' too).
+    pub(super) fn record(id: u8) -> WorkspaceRecord {
         WorkspaceRecord {
             id: WorkspaceId([id; 16]),
             name: "w".into(),
