@@ -50,6 +50,9 @@ const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_LAST: Duration = Duration::from_secs(60);
 /// How long `flush` waits for peers to acknowledge.
 const FLUSH_ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a `flush` trusts a peer told of its changes to pull them
+/// before telling it again.
+const RETELL_AFTER: Duration = Duration::from_secs(1);
 
 /// The worker's answer to an `Apply` job: the first entry not applied.
 struct ApplyAnswer(oneshot::Receiver<Result<Option<u64>, RpcError>>);
@@ -163,6 +166,10 @@ pub struct Replicator {
     /// `Changed` requests in flight, and the newest sequence to send when
     /// each returns (see [`Replicator::tell_changed`]).
     telling: Mutex<HashMap<(PeerId, WorkspaceId), Option<u64>>>,
+    /// The last sequence of the newest page each peer took with a
+    /// `Changed`: it is pulling up to there already, so a `flush` waiting
+    /// for it need not tell it again (not before [`RETELL_AFTER`]).
+    pushed_through: Mutex<HashMap<(PeerId, WorkspaceId), u64>>,
     this: std::sync::Weak<Replicator>,
 }
 
@@ -210,6 +217,7 @@ impl Replicator {
         Arc::new_cyclic(|this| Replicator {
             this: this.clone(),
             telling: Mutex::new(HashMap::new()),
+            pushed_through: Mutex::new(HashMap::new()),
             daemon: Arc::downgrade(daemon),
             network,
             running: Mutex::new(HashMap::new()),
@@ -1272,7 +1280,8 @@ impl Replicator {
             let mut sequence = sequence;
             loop {
                 let pushed = this.page_to_push(peer, workspace).await;
-                let _ = network
+                let through = pushed.as_ref().map(|p| p.last_sequence);
+                let told = network
                     .request(
                         peer,
                         Request::Changed {
@@ -1282,6 +1291,14 @@ impl Replicator {
                         },
                     )
                     .await;
+                if let (Some(through), Ok(Response::Ack)) = (through, told) {
+                    let mut pushed = this
+                        .pushed_through
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let at = pushed.entry((peer, workspace)).or_insert(0);
+                    *at = (*at).max(through);
+                }
                 let mut telling = this.telling.lock().unwrap_or_else(|e| e.into_inner());
                 match telling.get_mut(&(peer, workspace)) {
                     Some(again @ Some(_)) => sequence = again.take().unwrap_or(sequence),
@@ -1397,6 +1414,7 @@ impl Replicator {
         sequence: u64,
     ) -> Result<(), RpcError> {
         let deadline = tokio::time::Instant::now() + FLUSH_ACK_TIMEOUT;
+        let mut retell = false;
         loop {
             // Registered before the check, so no acknowledgement is missed.
             let notified = self.acked.notified();
@@ -1419,20 +1437,37 @@ impl Replicator {
                 return Ok(());
             }
             // A peer being told already pulls once it hears (and the
-            // change that made it behind tells it again if need be): told
-            // again now, it would only go round once more.
+            // change that made it behind tells it again if need be), and
+            // so does one that took a page through `sequence`: told again
+            // now, it would only go round once more. Unless it has been
+            // quiet for a while.
             let untold: Vec<PeerId> = {
                 let telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
+                let pushed = self
+                    .pushed_through
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 behind
                     .iter()
                     .copied()
                     .filter(|peer| !telling.contains_key(&(*peer, workspace)))
+                    .filter(|peer| {
+                        retell
+                            || pushed
+                                .get(&(*peer, workspace))
+                                .is_none_or(|at| *at < sequence)
+                    })
                     .collect()
             };
             for peer in untold {
                 self.tell_changed(peer, workspace, sequence);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let quiet = tokio::time::Instant::now() + RETELL_AFTER;
+            retell = match tokio::time::timeout_at(deadline.min(quiet), notified).await {
+                Ok(()) => false,
+                Err(_) => true,
+            };
+            if retell && tokio::time::Instant::now() >= deadline {
                 return Err(RpcError::new(
                     ErrorCode::Io,
                     format!(

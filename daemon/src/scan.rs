@@ -133,6 +133,9 @@ pub struct ScanReport {
     /// Entries forgotten because they are ignored now (not changes: an
     /// ignored file is never deleted elsewhere, but counts move).
     pub forgotten: u64,
+    /// Committed without durability (a small scan): peers may be told
+    /// now, and [`crate::store::Store::make_durable`] is due before anyone is answered.
+    pub durability_due: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -337,8 +340,9 @@ impl Scanner<'_> {
             .bytes_to_hash
             .store(total_bytes, Ordering::Relaxed);
         // A few small files (a save, the IDE's hint) are hashed on this
-        // thread and committed once, durably: no committer thread, no
-        // rayon hand-off, no second commit on a save's way to peers.
+        // thread and committed once, without durability: no committer
+        // thread, no rayon hand-off. Peers may pull them at once (within
+        // the store's lease) while the caller makes them durable.
         if to_hash.len() <= SMALL_SCAN_FILES && total_bytes <= SMALL_SCAN_BYTES {
             let mut batches: Vec<(Batch, u64)> = Vec::new();
             self.hash_all(
@@ -353,10 +357,11 @@ impl Scanner<'_> {
             )?;
             let count = batches.len();
             let hashed_us = started.elapsed().as_micros() as u64;
-            for (i, (batch, next)) in batches.into_iter().enumerate() {
+            for (batch, next) in batches {
                 self.store
-                    .commit_batch(self.workspace, &batch, next, i + 1 == count)?;
+                    .commit_batch(self.workspace, &batch, next, false)?;
             }
+            report.durability_due = count > 0;
             tracing::debug!(
                 seen = seen.len(),
                 walk_us,

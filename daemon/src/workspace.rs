@@ -211,6 +211,14 @@ pub struct Context {
     pub garbage: Arc<AtomicBool>,
 }
 
+/// `MARIESYNC_FAULT_NOT_DURABLE`: small scans are never made durable, so
+/// that a crash test can kill the daemon after peers took changes it then
+/// loses (`crash.rs`).
+fn fault_not_durable() -> bool {
+    static FAULT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAULT.get_or_init(|| std::env::var_os("MARIESYNC_FAULT_NOT_DURABLE").is_some())
+}
+
 /// Starts the worker and the watcher of a workspace. The worker begins with
 /// a full scan (cleaning leftover temporary files when `startup`) and
 /// finishes a restore that a crash interrupted.
@@ -790,7 +798,18 @@ impl Worker {
                     }
                 });
                 self.retry.extend(report.unstable.iter().cloned());
+                // Peers hear of a small scan's changes now and pull them
+                // while they are made durable here; whoever asked for the
+                // scan is answered after that.
                 self.announce(&report, full, started.elapsed());
+                if report.durability_due && !fault_not_durable() {
+                    match self.context.store.make_durable(self.shared.number) {
+                        // Served only now: peers heard too early.
+                        Ok(true) => on_durable(),
+                        Ok(false) => {}
+                        Err(e) => return Err(self.store_failed(e)),
+                    }
+                }
                 Ok(report)
             }
             Err(ScanError::Cancelled) => Err(RpcError::new(
@@ -802,27 +821,30 @@ impl Worker {
                 self.pause(reason);
                 Err(self.paused_error())
             }
-            Err(ScanError::Store(e)) => {
-                let error = store_rpc_error(&e);
-                let message = e.to_string();
-                let mut news = false;
-                self.shared.update(|s| {
-                    s.activity = Activity::Idle;
-                    news = s.last_error.as_ref() != Some(&message);
-                    s.last_error = Some(message.clone());
-                });
-                if news {
-                    self.context.events.publish(
-                        event_kind::ERROR,
-                        json!({"workspace_id": self.shared.id.to_string(), "message": message}),
-                    );
-                }
-                if self.repair_due.is_none() {
-                    self.repair_due = Some(Instant::now() + self.repair_backoff);
-                }
-                Err(error)
-            }
+            Err(ScanError::Store(e)) => Err(self.store_failed(e)),
         }
+    }
+
+    /// A scan's store error: reported once, and a repair scheduled.
+    fn store_failed(&mut self, e: StoreError) -> RpcError {
+        let error = store_rpc_error(&e);
+        let message = e.to_string();
+        let mut news = false;
+        self.shared.update(|s| {
+            s.activity = Activity::Idle;
+            news = s.last_error.as_ref() != Some(&message);
+            s.last_error = Some(message.clone());
+        });
+        if news {
+            self.context.events.publish(
+                event_kind::ERROR,
+                json!({"workspace_id": self.shared.id.to_string(), "message": message}),
+            );
+        }
+        if self.repair_due.is_none() {
+            self.repair_due = Some(Instant::now() + self.repair_backoff);
+        }
+        error
     }
 
     fn announce(&self, report: &ScanReport, full: bool, took: Duration) {

@@ -496,6 +496,17 @@ impl Device {
         self.launch();
     }
 
+    /// [`Device::restart`] with `env` instead of the environment it was
+    /// started with.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.extra_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.launch();
+    }
+
     /// Waits for the daemon to exit by itself (after `mariesync stop`).
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("the daemon runs");

@@ -165,3 +165,63 @@ fn kill9_of_the_receiver_during_a_transfer_resumes() {
     assert_no_junk(&root_b);
     b.assert_store_integrity();
 }
+
+/// A device whose saves peers took before they were durable here (a small
+/// scan's entries are served at once, made durable meanwhile) and that
+/// then crashes: it loses them, and what it changes next must still reach
+/// the peers. Sequence numbers and version counters a peer saw are never
+/// given to another change (a peer would skip it as already had).
+#[test]
+fn a_crash_after_peers_took_undurable_saves_numbers_nothing_again() {
+    let (dir_a, dir_b) = (temp_dir(), temp_dir());
+    // Small scans are never made durable on A until it restarts.
+    let mut a = Device::start_with_env(dir_a.path(), &[("MARIESYNC_FAULT_NOT_DURABLE", "1")]);
+    a.pin_port();
+    let b = Device::start(dir_b.path());
+    a.trust_each_other(&b);
+    let (ws, root_a, root_b) = a.share_generated(dir_a.path(), &b, dir_b.path(), 31, 20);
+    a.flush(&ws);
+    let note = root_a.join("note.txt");
+    let append = |line: &str| {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&note)
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+    };
+    for i in 0..3 {
+        append(&format!("taken by the peer {i}"));
+        a.touched(&ws, &note, true);
+    }
+    assert_eq!(
+        std::fs::read(&note).unwrap(),
+        std::fs::read(root_b.join("note.txt")).unwrap(),
+        "the peer acknowledged the saves"
+    );
+
+    a.restart_with_env(&[]);
+    a.wait_connected(&b.device_id());
+    b.wait_connected(&a.device_id());
+    append("after the crash");
+    std::fs::write(root_a.join("new.txt"), "made after the crash\n").unwrap();
+    a.touched(&ws, &note, true);
+    a.touched(&ws, &root_a.join("new.txt"), true);
+    a.flush(&ws);
+    wait_until(
+        Duration::from_secs(30),
+        "the peer to have every change",
+        || (tree_state(&root_a) == tree_state(&root_b)).then_some(()),
+    );
+    wait_until(Duration::from_secs(30), "the indexes to agree", || {
+        (digest(&index_state(&a, &ws)) == digest(&index_state(&b, &ws))).then_some(())
+    });
+    assert!(
+        a.log()
+            .contains("sequence numbers and version counters move"),
+        "the restart found no lease: the saves were durable after all"
+    );
+    assert_no_junk(&root_b);
+    b.assert_store_integrity();
+}

@@ -83,6 +83,16 @@ const REOPEN_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const REOPEN_LAST: std::time::Duration = std::time::Duration::from_secs(30);
 /// In META: the highest version counter this device issued (u64 LE).
 const COUNTER_KEY: &str = "version/counter";
+/// In META, while present: entries committed without durability may have
+/// been served to peers, so the next open moves every workspace's next
+/// sequence number and the version counter [`LEASE_AHEAD`] past what it
+/// finds (see [`Store::changes_since`]). A clean close removes it.
+const LEASE_KEY: &str = "lease/ahead";
+/// How far past the last durable commit entries committed without
+/// durability may be served: sequence numbers per workspace, and version
+/// counters. After a crash, numbering goes on this far past the durable
+/// state, so no number a peer saw is ever given to another change.
+const LEASE_AHEAD: u64 = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -125,6 +135,29 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 struct Marks {
     durable: std::collections::HashMap<u32, u64>,
     pending: std::collections::HashMap<u32, u64>,
+    /// The version counter saved by the last durable commit.
+    counter_durable: u64,
+    /// [`LEASE_KEY`] is in the database (committed), and durably so.
+    lease_written: bool,
+    lease_durable: bool,
+}
+
+impl Marks {
+    /// The sequence number before which entries of `workspace` may be
+    /// served to peers: everything durable, and what was committed since
+    /// within the durable lease, as long as no version counter issued is
+    /// beyond the lease either (a crash moves numbering past both).
+    fn servable(&self, workspace: u32, counter_issued: u64) -> u64 {
+        let durable = self.durable.get(&workspace).copied().unwrap_or(1);
+        let leased = self.lease_durable
+            && counter_issued <= self.counter_durable.saturating_add(LEASE_AHEAD);
+        match self.pending.get(&workspace) {
+            Some(&pending) if leased => pending
+                .min(durable.saturating_add(LEASE_AHEAD))
+                .max(durable),
+            _ => durable,
+        }
+    }
 }
 
 pub struct Store {
@@ -146,9 +179,9 @@ pub struct Store {
     /// Without it, GC could delete a chunk a scan has just chosen to reuse.
     references: std::sync::RwLock<()>,
     /// Per workspace, the next sequence number as of the last durable
-    /// commit, and as of non-durable commits since. Only durable entries are
-    /// served to peers: a crash rolls non-durable ones back, and their
-    /// sequence numbers would be handed out again.
+    /// commit, and as of non-durable commits since. A crash rolls
+    /// non-durable ones back: they are served to peers only within the
+    /// durable lease ([`LEASE_KEY`]), past which numbering restarts.
     marks: Mutex<Marks>,
     /// Chunks fetched from peers and committed before the entries that
     /// will reference them (counted: two pulls may fetch one chunk). GC
@@ -161,6 +194,28 @@ pub struct Store {
     counter_saved: AtomicU64,
     /// Moves each time the database opens again after a failure.
     generation: AtomicU64,
+}
+
+/// A clean close: one durable commit makes everything committed durable
+/// and removes the lease, so the next open need not move numbering on.
+impl Drop for Store {
+    fn drop(&mut self) {
+        let leased = self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lease_written;
+        if !leased || self.failed.load(Ordering::Acquire) || std::thread::panicking() {
+            return;
+        }
+        let closed = self.begin_write().and_then(|txn| {
+            txn.open_table(META)?.remove(LEASE_KEY)?;
+            self.commit(txn)
+        });
+        if let Err(e) = closed {
+            tracing::warn!("the database did not close cleanly: {e}");
+        }
+    }
 }
 
 /// Chunks kept from GC until this is dropped.
@@ -235,6 +290,7 @@ impl Store {
             generation: AtomicU64::new(0),
         };
         store.init()?;
+        apply_lease(&*store.current_db()?)?;
         store.load_marks()?;
         Ok(store)
     }
@@ -249,9 +305,13 @@ impl Store {
         self.counter_issued.fetch_max(counter, Ordering::AcqRel);
         self.counter_saved
             .store(if saved { counter } else { 0 }, Ordering::Release);
-        // Everything found at open is durable.
+        // Everything found at open is durable; `apply_lease` removed the
+        // lease.
         let workspaces = self.workspaces()?;
-        *marks = Marks::default();
+        *marks = Marks {
+            counter_durable: counter,
+            ..Marks::default()
+        };
         for (number, record) in workspaces {
             marks.durable.insert(number, record.next_sequence);
         }
@@ -306,7 +366,12 @@ impl Store {
         // what it had cached: chunk bytes are checked against their hashes
         // where they are used, and the index is read afresh per call.
         slot.take();
-        match open_database(&self.path) {
+        match open_database(&self.path).and_then(|db| {
+            // What was committed without durability is gone: numbering
+            // moves past what peers may have been served of it.
+            apply_lease(&db)?;
+            Ok(db)
+        }) {
             Ok(db) => {
                 *slot = Some(Arc::new(db));
                 self.failed.store(false, Ordering::Release);
@@ -361,13 +426,7 @@ impl Store {
         if let Some(saved) = txn.open_table(META)?.get(COUNTER_KEY)? {
             return Ok((u64_from(saved.value()), true));
         }
-        let mut top = 0;
-        for row in txn.open_table(FILES)?.iter()? {
-            let (_, value) = row?;
-            let file: IndexedFile = records::decode(value.value())?;
-            top = top.max(file.entry.version.top());
-        }
-        Ok((top, false))
+        Ok((highest_counter(&txn.open_table(FILES)?)?, false))
     }
 
     /// The counter for a new version this device makes of `version`: past
@@ -416,19 +475,26 @@ impl Store {
         })
     }
 
-    /// A durable commit makes every earlier non-durable one durable too.
+    /// Commits, then notes what the commit made servable (a durable commit
+    /// makes every earlier non-durable one durable too). The writer
+    /// lock is held until the marks are noted (so no reopen reads the
+    /// database in between), the marks' lock only for the noting: serving
+    /// peers never waits for a commit's flush.
     fn commit_marked(
         &self,
         txn: Write<'_>,
         durable: bool,
         workspace_next: Option<(u32, u64)>,
         counter_saved: Option<u64>,
+        lease_written: bool,
     ) -> Result<()> {
+        let Write { txn, _writer } = txn;
+        self.commit_txn(txn)?;
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-        self.commit(txn)?;
         if let Some(counter) = counter_saved {
             self.counter_saved.fetch_max(counter, Ordering::AcqRel);
         }
+        marks.lease_written |= lease_written;
         if let Some((workspace, next)) = workspace_next {
             let pending = marks.pending.entry(workspace).or_insert(0);
             *pending = (*pending).max(next);
@@ -439,12 +505,20 @@ impl Store {
                 let mark = marks.durable.entry(workspace).or_insert(0);
                 *mark = (*mark).max(next);
             }
+            marks.counter_durable = marks
+                .counter_durable
+                .max(self.counter_saved.load(Ordering::Acquire));
+            marks.lease_durable = marks.lease_written;
         }
         Ok(())
     }
 
     fn commit(&self, txn: Write<'_>) -> Result<()> {
         let Write { txn, _writer } = txn;
+        self.commit_txn(txn)
+    }
+
+    fn commit_txn(&self, txn: redb::WriteTransaction) -> Result<()> {
         txn.commit().map_err(|e| {
             self.failed.store(true, Ordering::Release);
             tracing::error!(
@@ -572,7 +646,7 @@ impl Store {
             table.insert(number, records::encode(record).as_slice())?;
             meta.insert(NEXT_WORKSPACE_NUMBER, (number + 1).to_le_bytes().as_slice())?;
         }
-        self.commit_marked(txn, true, Some((number, record.next_sequence)), None)?;
+        self.commit_marked(txn, true, Some((number, record.next_sequence)), None, false)?;
         Ok(number)
     }
 
@@ -755,7 +829,7 @@ impl Store {
             value[8..].copy_from_slice(&bytes.to_le_bytes());
             meta.insert(FETCHED_KEY, value.as_slice())?;
         }
-        self.commit_marked(txn, durable, None, None)
+        self.commit_marked(txn, durable, None, None, false)
     }
 
     /// Commits chunks ahead of the entry that will reference them (a large
@@ -764,7 +838,7 @@ impl Store {
     pub fn commit_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
         let txn = self.begin_write_with(Durability::None)?;
         insert_chunks(&txn, chunks)?;
-        self.commit_marked(txn, false, None, None)
+        self.commit_marked(txn, false, None, None, false)
     }
 
     // ---- the file index ---------------------------------------------------
@@ -864,7 +938,45 @@ impl Store {
             txn.open_table(META)?
                 .insert(COUNTER_KEY, issued.to_le_bytes().as_slice())?;
         }
-        self.commit_marked(txn, durable, Some((workspace, next_after)), Some(issued))
+        // The lease goes in with the first commit after an open: durable
+        // from the first durable one on (a full scan ends with one).
+        let write_lease = !self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lease_written;
+        if write_lease {
+            txn.open_table(META)?.insert(LEASE_KEY, [1u8].as_slice())?;
+        }
+        self.commit_marked(
+            txn,
+            durable,
+            Some((workspace, next_after)),
+            Some(issued),
+            write_lease,
+        )
+    }
+
+    /// Makes every commit so far durable, with an empty durable commit of
+    /// `workspace`'s record. True when entries of `workspace` became
+    /// servable only now (beyond the lease before it): peers were told of
+    /// them too early and need telling again.
+    pub fn make_durable(&self, workspace: u32) -> Result<bool> {
+        let before = self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .servable(workspace, self.counter_issued.load(Ordering::Acquire));
+        self.commit_batch(workspace, &Batch::default(), 0, true)?;
+        let after = self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .durable
+            .get(&workspace)
+            .copied()
+            .unwrap_or(1);
+        Ok(after > before)
     }
 
     // ---- checkpoints ------------------------------------------------------
@@ -919,18 +1031,16 @@ impl Store {
         Ok(record)
     }
 
-    /// Durable index entries (tombstones too) changed after `since`, in
-    /// sequence order, at most `limit`.
+    /// Index entries (tombstones too) changed after `since`, in sequence
+    /// order, at most `limit`: the durable ones, and those committed since
+    /// within the durable lease (see [`Marks::servable`]).
     pub fn changes_since(&self, workspace: u32, since: u64, limit: usize) -> Result<ChangesSince> {
         // Read the mark first: what it covers is committed before the read.
         let mark = self
             .marks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .durable
-            .get(&workspace)
-            .copied()
-            .unwrap_or(1);
+            .servable(workspace, self.counter_issued.load(Ordering::Acquire));
         let txn = self.db()?.begin_read()?;
         let sequences = txn.open_table(SEQUENCES)?;
         let files = txn.open_table(FILES)?;
@@ -1272,6 +1382,57 @@ fn open_database(path: &Path) -> Result<Database> {
         })
         .set_cache_size(8 * 1024 * 1024)
         .create(path)?)
+}
+
+/// After an open: if the lease is in the database, entries committed
+/// without durability may have been served to peers and lost since, so
+/// every workspace's next sequence number and the version counter move
+/// [`LEASE_AHEAD`] on, durably, and the lease goes. On the raw database:
+/// a reopen holds the writer lock.
+fn apply_lease(db: &Database) -> Result<()> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        if meta.remove(LEASE_KEY)?.is_none() {
+            drop(meta);
+            txn.abort()?;
+            return Ok(());
+        }
+        let counter = match meta.get(COUNTER_KEY)?.map(|v| u64_from(v.value())) {
+            Some(counter) => counter,
+            None => highest_counter(&txn.open_table(FILES)?)?,
+        };
+        let counter = counter.saturating_add(LEASE_AHEAD);
+        meta.insert(COUNTER_KEY, counter.to_le_bytes().as_slice())?;
+        let mut workspaces = txn.open_table(WORKSPACES)?;
+        let mut moved = Vec::new();
+        for row in workspaces.iter()? {
+            let (number, value) = row?;
+            let mut record: WorkspaceRecord = records::decode(value.value())?;
+            record.next_sequence = record.next_sequence.saturating_add(LEASE_AHEAD);
+            moved.push((number.value(), record));
+        }
+        for (number, record) in moved {
+            workspaces.insert(number, records::encode(&record).as_slice())?;
+        }
+        tracing::info!(
+            "the last run ended without a clean close; sequence numbers and version counters move {LEASE_AHEAD} on"
+        );
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// The highest counter in any version of the index: what a database from
+/// before counters were saved has issued at least.
+fn highest_counter(files: &impl ReadableTable<(u32, &'static str), &'static [u8]>) -> Result<u64> {
+    let mut top = 0;
+    for row in files.iter()? {
+        let (_, value) = row?;
+        let file: IndexedFile = records::decode(value.value())?;
+        top = top.max(file.entry.version.top());
+    }
+    Ok(top)
 }
 
 /// Writes the chunks the store lacks as one new pack.
@@ -1729,6 +1890,90 @@ mod change_feed_tests {
         store.commit_batch(ws, &batch, 4, true).unwrap();
         let c = store.changes_since(ws, 2, 10).unwrap();
         assert_eq!((c.entries.len(), c.covered, c.head), (1, 3, 3));
+    }
+
+    /// A small scan's entries are served before they are durable, within
+    /// the durable lease; after a crash that loses them, sequence numbers
+    /// and version counters move past the lease, so nothing a peer was
+    /// served is ever numbered again. A clean close moves nothing.
+    #[test]
+    fn entries_served_before_durable_are_never_numbered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let crashed = dir.path().join("crashed.redb");
+        let me = mariesync_protocol::DeviceKey(1);
+        let store = Store::open(&path).unwrap();
+        let ws = store.add_workspace(&record(3)).unwrap();
+        let versioned = |path: &str, sequence: u64| {
+            let mut version = VersionVector::new();
+            version.bump_at(me, store.issue_version_counter(&version));
+            directory(path, sequence, version)
+        };
+        let one = |file: IndexedFile| Batch {
+            upserts: vec![file],
+            ..Default::default()
+        };
+        // No durable lease yet: only durable entries are served.
+        store
+            .commit_batch(ws, &one(versioned("a", 1)), 2, false)
+            .unwrap();
+        assert_eq!(store.changes_since(ws, 0, 10).unwrap().entries.len(), 0);
+        assert!(store.make_durable(ws).unwrap(), "served only now");
+        assert_eq!(store.changes_since(ws, 0, 10).unwrap().head, 1);
+
+        // With the lease durable, a commit without durability is served.
+        store
+            .commit_batch(ws, &one(versioned("b", 2)), 3, false)
+            .unwrap();
+        let served = store.changes_since(ws, 0, 10).unwrap();
+        assert_eq!((served.entries.len(), served.head), (2, 2));
+        let counter_served = served.entries[1].version.top();
+
+        // A crash now: the disk has only what was durable.
+        std::fs::copy(&path, &crashed).unwrap();
+        {
+            let after = Store::open(&crashed).unwrap();
+            assert!(after.file(ws, "b").unwrap().is_none(), "b was not durable");
+            let next = after.workspace(ws).unwrap().unwrap().next_sequence;
+            assert!(
+                next > 2 + LEASE_AHEAD - 1,
+                "next sequence {next} reuses a served one"
+            );
+            let head = after.changes_since(ws, 0, 10).unwrap().head;
+            assert!(
+                head >= 2,
+                "a peer that has 2 must not be ahead of the head {head}"
+            );
+            let counter = after.issue_version_counter(&VersionVector::new());
+            assert!(
+                counter > counter_served,
+                "counter {counter} was served before"
+            );
+        }
+        // And once more, without a crash in between: no second move.
+        let next_before = Store::open(&crashed)
+            .unwrap()
+            .workspace(ws)
+            .unwrap()
+            .unwrap()
+            .next_sequence;
+        let reopened = Store::open(&crashed).unwrap();
+        assert_eq!(
+            reopened.workspace(ws).unwrap().unwrap().next_sequence,
+            next_before
+        );
+        drop(reopened);
+
+        // A clean close keeps everything and moves nothing.
+        assert!(!store.make_durable(ws).unwrap(), "served already");
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(store.file(ws, "b").unwrap().is_some());
+        assert_eq!(store.workspace(ws).unwrap().unwrap().next_sequence, 3);
+        assert_eq!(
+            store.issue_version_counter(&VersionVector::new()),
+            counter_served + 1
+        );
     }
 
     /// Version counters only grow, across workspaces, their removal and
