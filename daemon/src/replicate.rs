@@ -169,7 +169,7 @@ pub struct Replicator {
     /// The last sequence of the newest page each peer took with a
     /// `Changed`: it is pulling up to there already, so a `flush` waiting
     /// for it need not tell it again (not before [`RETELL_AFTER`]).
-    pushed_through: Mutex<HashMap<(PeerId, WorkspaceId), u64>>,
+    pushed_through: Mutex<HashMap<(PeerId, WorkspaceId), (u64, std::time::Instant)>>,
     this: std::sync::Weak<Replicator>,
 }
 
@@ -275,6 +275,10 @@ impl Replicator {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .retain(|(_, p), _| *p != peer);
+                    self.pushed_through
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(p, _), _| *p != peer);
                     self.acked.notify_waiters();
                 }
                 NetEvent::Request {
@@ -1296,8 +1300,10 @@ impl Replicator {
                         .pushed_through
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    let at = pushed.entry((peer, workspace)).or_insert(0);
-                    *at = (*at).max(through);
+                    let at = pushed
+                        .entry((peer, workspace))
+                        .or_insert((0, std::time::Instant::now()));
+                    *at = (at.0.max(through), std::time::Instant::now());
                 }
                 let mut telling = this.telling.lock().unwrap_or_else(|e| e.into_inner());
                 match telling.get_mut(&(peer, workspace)) {
@@ -1414,7 +1420,6 @@ impl Replicator {
         sequence: u64,
     ) -> Result<(), RpcError> {
         let deadline = tokio::time::Instant::now() + FLUSH_ACK_TIMEOUT;
-        let mut retell = false;
         loop {
             // Registered before the check, so no acknowledgement is missed.
             let notified = self.acked.notified();
@@ -1439,8 +1444,8 @@ impl Replicator {
             // A peer being told already pulls once it hears (and the
             // change that made it behind tells it again if need be), and
             // so does one that took a page through `sequence`: told again
-            // now, it would only go round once more. Unless it has been
-            // quiet for a while.
+            // now, it would only go round once more; unless that page left
+            // a while ago.
             let untold: Vec<PeerId> = {
                 let telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
                 let pushed = self
@@ -1452,22 +1457,18 @@ impl Replicator {
                     .copied()
                     .filter(|peer| !telling.contains_key(&(*peer, workspace)))
                     .filter(|peer| {
-                        retell
-                            || pushed
-                                .get(&(*peer, workspace))
-                                .is_none_or(|at| *at < sequence)
+                        pushed.get(&(*peer, workspace)).is_none_or(|(at, when)| {
+                            *at < sequence || when.elapsed() >= RETELL_AFTER
+                        })
                     })
                     .collect()
             };
             for peer in untold {
                 self.tell_changed(peer, workspace, sequence);
             }
-            let quiet = tokio::time::Instant::now() + RETELL_AFTER;
-            retell = match tokio::time::timeout_at(deadline.min(quiet), notified).await {
-                Ok(()) => false,
-                Err(_) => true,
-            };
-            if retell && tokio::time::Instant::now() >= deadline {
+            let again = tokio::time::Instant::now() + RETELL_AFTER;
+            let woken = tokio::time::timeout_at(deadline.min(again), notified).await;
+            if woken.is_err() && tokio::time::Instant::now() >= deadline {
                 return Err(RpcError::new(
                     ErrorCode::Io,
                     format!(

@@ -134,8 +134,9 @@ pub struct ScanReport {
     /// ignored file is never deleted elsewhere, but counts move).
     pub forgotten: u64,
     /// Committed without durability (a small scan): peers may be told
-    /// now, and [`crate::store::Store::make_durable`] is due before anyone is answered.
-    pub durability_due: bool,
+    /// now, and [`crate::store::Store::make_durable`] is due before anyone
+    /// is answered; how far entries were servable after the commit.
+    pub durability_due: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,13 +356,13 @@ impl Scanner<'_> {
                     true
                 },
             )?;
-            let count = batches.len();
             let hashed_us = started.elapsed().as_micros() as u64;
             for (batch, next) in batches {
-                self.store
+                let servable = self
+                    .store
                     .commit_batch(self.workspace, &batch, next, false)?;
+                report.durability_due = Some(servable);
             }
-            report.durability_due = count > 0;
             tracing::debug!(
                 seen = seen.len(),
                 walk_us,

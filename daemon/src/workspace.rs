@@ -802,8 +802,8 @@ impl Worker {
                 // while they are made durable here; whoever asked for the
                 // scan is answered after that.
                 self.announce(&report, full, started.elapsed());
-                if report.durability_due && !fault_not_durable() {
-                    match self.context.store.make_durable(self.shared.number) {
+                if let Some(told) = report.durability_due.filter(|_| !fault_not_durable()) {
+                    match self.context.store.make_durable(self.shared.number, told) {
                         // Served only now: peers heard too early.
                         Ok(true) => on_durable(),
                         Ok(false) => {}

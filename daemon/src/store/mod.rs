@@ -112,6 +112,13 @@ pub enum StoreError {
         "the database has schema {found}, this build reads schema {SCHEMA_VERSION}; move the home's mariesync.redb away (it was written by another development build)"
     )]
     Schema { found: u32 },
+    /// A batch numbered before the database opened again (after a failed
+    /// write) and moved its numbering on: committed, its entries would sit
+    /// below a head peers may have been given already.
+    #[error(
+        "the database opened again while these changes were being numbered; they are scanned again"
+    )]
+    Renumbered,
 }
 
 macro_rules! impl_from_redb {
@@ -135,6 +142,10 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 struct Marks {
     durable: std::collections::HashMap<u32, u64>,
     pending: std::collections::HashMap<u32, u64>,
+    /// Per workspace, the highest `servable` mark given out: it never goes
+    /// back (an entry once safe to serve stays safe until the database
+    /// opens again), so a peer's pull never sees less than an earlier one.
+    served: std::collections::HashMap<u32, u64>,
     /// The version counter saved by the last durable commit.
     counter_durable: u64,
     /// [`LEASE_KEY`] is in the database (committed), and durably so.
@@ -147,16 +158,19 @@ impl Marks {
     /// served to peers: everything durable, and what was committed since
     /// within the durable lease, as long as no version counter issued is
     /// beyond the lease either (a crash moves numbering past both).
-    fn servable(&self, workspace: u32, counter_issued: u64) -> u64 {
+    fn servable(&mut self, workspace: u32, counter_issued: u64) -> u64 {
         let durable = self.durable.get(&workspace).copied().unwrap_or(1);
         let leased = self.lease_durable
             && counter_issued <= self.counter_durable.saturating_add(LEASE_AHEAD);
-        match self.pending.get(&workspace) {
+        let now = match self.pending.get(&workspace) {
             Some(&pending) if leased => pending
                 .min(durable.saturating_add(LEASE_AHEAD))
                 .max(durable),
             _ => durable,
-        }
+        };
+        let served = self.served.entry(workspace).or_insert(now);
+        *served = (*served).max(now);
+        *served
     }
 }
 
@@ -487,7 +501,7 @@ impl Store {
         workspace_next: Option<(u32, u64)>,
         counter_saved: Option<u64>,
         lease_written: bool,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let Write { txn, _writer } = txn;
         self.commit_txn(txn)?;
         let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
@@ -510,7 +524,13 @@ impl Store {
                 .max(self.counter_saved.load(Ordering::Acquire));
             marks.lease_durable = marks.lease_written;
         }
-        Ok(())
+        Ok(match workspace_next {
+            Some((workspace, _)) => {
+                let issued = self.counter_issued.load(Ordering::Acquire);
+                marks.servable(workspace, issued)
+            }
+            None => 0,
+        })
     }
 
     fn commit(&self, txn: Write<'_>) -> Result<()> {
@@ -829,7 +849,8 @@ impl Store {
             value[8..].copy_from_slice(&bytes.to_le_bytes());
             meta.insert(FETCHED_KEY, value.as_slice())?;
         }
-        self.commit_marked(txn, durable, None, None, false)
+        self.commit_marked(txn, durable, None, None, false)?;
+        Ok(())
     }
 
     /// Commits chunks ahead of the entry that will reference them (a large
@@ -838,7 +859,8 @@ impl Store {
     pub fn commit_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
         let txn = self.begin_write_with(Durability::None)?;
         insert_chunks(&txn, chunks)?;
-        self.commit_marked(txn, false, None, None, false)
+        self.commit_marked(txn, false, None, None, false)?;
+        Ok(())
     }
 
     // ---- the file index ---------------------------------------------------
@@ -877,17 +899,21 @@ impl Store {
     }
 
     /// Commits one batch of scan results atomically: new chunks, index
-    /// entries (with fresh sequence numbers already assigned by the caller)
-    /// and the workspace's next sequence number.
+    /// entries (with fresh sequence numbers already assigned by the caller
+    /// from the workspace's next sequence number, which it moves on).
     /// A non-`durable` commit is made durable by the next durable one (or
-    /// lost in a crash before it).
+    /// lost in a crash before it). Returns how far the workspace's entries
+    /// are servable now (see [`Marks::servable`]). Refuses, with
+    /// [`StoreError::Renumbered`], entries numbered below the workspace's
+    /// next sequence number: the database opened again since they were
+    /// numbered.
     pub fn commit_batch(
         &self,
         workspace: u32,
         batch: &Batch,
         next_sequence: u64,
         durable: bool,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let _guard = self
             .workspace_lock
             .lock()
@@ -899,16 +925,32 @@ impl Store {
         })?;
         let next_after;
         {
+            let mut workspaces = txn.open_table(WORKSPACES)?;
+            let mut record: WorkspaceRecord = match workspaces.get(workspace)? {
+                Some(v) => records::decode(v.value())?,
+                None => {
+                    return Err(StoreError::Record(format!(
+                        "workspace {workspace} vanished"
+                    )));
+                }
+            };
             insert_chunks(&txn, &batch.chunks)?;
             let mut files = txn.open_table(FILES)?;
             let mut sequences = txn.open_table(SEQUENCES)?;
             for file in &batch.upserts {
                 let path = file.entry.path.as_str();
-                if let Some(old) = files.get((workspace, path))? {
-                    let old: IndexedFile = records::decode(old.value())?;
-                    if old.entry.sequence != file.entry.sequence {
-                        sequences.remove((workspace, old.entry.sequence))?;
-                    }
+                let old = files
+                    .get((workspace, path))?
+                    .map(|v| records::decode::<IndexedFile>(v.value()))
+                    .transpose()?;
+                let renumbered = old
+                    .as_ref()
+                    .is_none_or(|old| old.entry.sequence != file.entry.sequence);
+                if renumbered && file.entry.sequence < record.next_sequence {
+                    return Err(StoreError::Renumbered);
+                }
+                if let Some(old) = old.filter(|old| old.entry.sequence != file.entry.sequence) {
+                    sequences.remove((workspace, old.entry.sequence))?;
                 }
                 files.insert((workspace, path), records::encode(file).as_slice())?;
                 sequences.insert((workspace, file.entry.sequence), path)?;
@@ -919,15 +961,6 @@ impl Store {
                     sequences.remove((workspace, old.entry.sequence))?;
                 }
             }
-            let mut workspaces = txn.open_table(WORKSPACES)?;
-            let mut record: WorkspaceRecord = match workspaces.get(workspace)? {
-                Some(v) => records::decode(v.value())?,
-                None => {
-                    return Err(StoreError::Record(format!(
-                        "workspace {workspace} vanished"
-                    )));
-                }
-            };
             record.next_sequence = record.next_sequence.max(next_sequence);
             workspaces.insert(workspace, records::encode(&record).as_slice())?;
             next_after = record.next_sequence;
@@ -959,24 +992,10 @@ impl Store {
 
     /// Makes every commit so far durable, with an empty durable commit of
     /// `workspace`'s record. True when entries of `workspace` became
-    /// servable only now (beyond the lease before it): peers were told of
-    /// them too early and need telling again.
-    pub fn make_durable(&self, workspace: u32) -> Result<bool> {
-        let before = self
-            .marks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .servable(workspace, self.counter_issued.load(Ordering::Acquire));
-        self.commit_batch(workspace, &Batch::default(), 0, true)?;
-        let after = self
-            .marks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .durable
-            .get(&workspace)
-            .copied()
-            .unwrap_or(1);
-        Ok(after > before)
+    /// servable only now, past `told` (what [`Store::commit_batch`] said
+    /// was servable when peers were told): they need telling again.
+    pub fn make_durable(&self, workspace: u32, told: u64) -> Result<bool> {
+        Ok(self.commit_batch(workspace, &Batch::default(), 0, true)? > told)
     }
 
     // ---- checkpoints ------------------------------------------------------
@@ -1036,11 +1055,12 @@ impl Store {
     /// within the durable lease (see [`Marks::servable`]).
     pub fn changes_since(&self, workspace: u32, since: u64, limit: usize) -> Result<ChangesSince> {
         // Read the mark first: what it covers is committed before the read.
+        let issued = self.counter_issued.load(Ordering::Acquire);
         let mark = self
             .marks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .servable(workspace, self.counter_issued.load(Ordering::Acquire));
+            .servable(workspace, issued);
         let txn = self.db()?.begin_read()?;
         let sequences = txn.open_table(SEQUENCES)?;
         let files = txn.open_table(FILES)?;
@@ -1914,17 +1934,18 @@ mod change_feed_tests {
             ..Default::default()
         };
         // No durable lease yet: only durable entries are served.
-        store
+        let told = store
             .commit_batch(ws, &one(versioned("a", 1)), 2, false)
             .unwrap();
         assert_eq!(store.changes_since(ws, 0, 10).unwrap().entries.len(), 0);
-        assert!(store.make_durable(ws).unwrap(), "served only now");
+        assert!(store.make_durable(ws, told).unwrap(), "served only now");
         assert_eq!(store.changes_since(ws, 0, 10).unwrap().head, 1);
 
         // With the lease durable, a commit without durability is served.
-        store
+        let told = store
             .commit_batch(ws, &one(versioned("b", 2)), 3, false)
             .unwrap();
+        assert_eq!(told, 3);
         let served = store.changes_since(ws, 0, 10).unwrap();
         assert_eq!((served.entries.len(), served.head), (2, 2));
         let counter_served = served.entries[1].version.top();
@@ -1965,7 +1986,7 @@ mod change_feed_tests {
         drop(reopened);
 
         // A clean close keeps everything and moves nothing.
-        assert!(!store.make_durable(ws).unwrap(), "served already");
+        assert!(!store.make_durable(ws, told).unwrap(), "served already");
         drop(store);
         let store = Store::open(&path).unwrap();
         assert!(store.file(ws, "b").unwrap().is_some());
@@ -1974,6 +1995,37 @@ mod change_feed_tests {
             store.issue_version_counter(&VersionVector::new()),
             counter_served + 1
         );
+    }
+
+    /// A batch numbered before the database moved the workspace's numbering
+    /// on (a reopen that found the lease) is refused: its entries would sit
+    /// below a head peers may have acknowledged. An entry committed again
+    /// under its own number (a repair) is not renumbered.
+    #[test]
+    fn entries_numbered_below_the_next_sequence_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let ws = store.add_workspace(&record(4)).unwrap();
+        let entry = |path: &str, sequence: u64| directory(path, sequence, VersionVector::new());
+        let batch = |files: Vec<IndexedFile>| Batch {
+            upserts: files,
+            ..Default::default()
+        };
+        store
+            .commit_batch(ws, &batch(vec![entry("a", 1), entry("b", 2)]), 3, true)
+            .unwrap();
+        assert!(matches!(
+            store.commit_batch(ws, &batch(vec![entry("c", 2)]), 3, true),
+            Err(StoreError::Renumbered)
+        ));
+        assert!(matches!(
+            store.commit_batch(ws, &batch(vec![entry("a", 2)]), 3, true),
+            Err(StoreError::Renumbered)
+        ));
+        store
+            .commit_batch(ws, &batch(vec![entry("a", 1), entry("c", 3)]), 4, true)
+            .unwrap();
+        assert_eq!(store.changes_since(ws, 0, 10).unwrap().head, 3);
     }
 
     /// Version counters only grow, across workspaces, their removal and
