@@ -435,6 +435,7 @@ impl Daemon {
                 self.job(&p.workspace, |reply| Job::Scan {
                     scope: Scope::Full,
                     reply: Some(reply),
+                    early: false,
                 })
                 .await
             }
@@ -462,6 +463,8 @@ impl Daemon {
                     .job(&p.workspace, |reply| Job::Scan {
                         scope: Scope::Paths(paths),
                         reply: Some(reply),
+                        // Without `--wait`, answered once peers are told.
+                        early: !p.wait,
                     })
                     .await?;
                 if p.wait {

@@ -61,6 +61,10 @@ pub enum Job {
     Scan {
         scope: Scope,
         reply: Option<Reply>,
+        /// Answered once peers are told, before the scan's durable commit
+        /// (the IDE's hint without `--wait`: it promises no durability,
+        /// and the file itself is what a crash would scan again).
+        early: bool,
     },
     /// Index every change made before this job was sent.
     Flush {
@@ -257,6 +261,7 @@ pub fn start(
         store_generation,
         repair_due: None,
         repair_backoff: Duration::from_millis(RETRY_FAILED_SCAN_MS),
+        early_replies: Vec::new(),
     };
     let thread = std::thread::Builder::new()
         .name(format!("workspace-{number}"))
@@ -383,6 +388,9 @@ struct Worker {
     /// this time; and the wait before the next try if it fails too.
     repair_due: Option<Instant>,
     repair_backoff: Duration,
+    /// Replies to send as soon as the scan running now has told peers
+    /// (see `Job::Scan::early`).
+    early_replies: Vec<Reply>,
 }
 
 impl Worker {
@@ -433,12 +441,21 @@ impl Worker {
                 Job::Stop => return,
                 Job::Changed(paths) => {
                     let (batch, hinted) = self.gather(paths);
+                    let mut replies = Vec::new();
+                    for (reply, early) in hinted {
+                        if early {
+                            self.early_replies.push(reply);
+                        } else {
+                            replies.push(reply);
+                        }
+                    }
                     let result = if self.is_paused() {
                         Err(self.paused_error())
                     } else {
                         self.scan_changed(batch)
                     };
-                    for reply in hinted {
+                    replies.append(&mut self.early_replies);
+                    for reply in replies {
                         let _ = reply.send(result.clone().map(|_| json!({})));
                     }
                 }
@@ -450,14 +467,23 @@ impl Worker {
                         let _ = self.scan(Scope::Full, false);
                     }
                 }
-                Job::Scan { scope, reply } => {
+                Job::Scan {
+                    scope,
+                    reply,
+                    early,
+                } => {
+                    let mut reply = reply;
+                    if early {
+                        self.early_replies.extend(reply.take());
+                    }
                     let result = if self.is_paused() {
                         Err(self.paused_error())
                     } else {
                         self.scan(scope, false)
                     };
-                    if let Some(reply) = reply {
-                        let _ = reply.send(result.map(|_| json!({})));
+                    let result = result.map(|_| json!({}));
+                    for reply in reply.into_iter().chain(self.early_replies.drain(..)) {
+                        let _ = reply.send(result.clone());
                     }
                 }
                 Job::Flush { reply } => {
@@ -559,7 +585,7 @@ impl Worker {
     /// the replies returned are answered once the batch is scanned (the
     /// file it names is usually the one whose events these are; scanning
     /// it twice would delay the answer).
-    fn gather(&mut self, first: Vec<PathBuf>) -> (Option<BTreeSet<RelPath>>, Vec<Reply>) {
+    fn gather(&mut self, first: Vec<PathBuf>) -> (Option<BTreeSet<RelPath>>, Vec<(Reply, bool)>) {
         let started = Instant::now();
         let mut raw = first;
         let mut hinted = Vec::new();
@@ -577,9 +603,10 @@ impl Worker {
                 Ok(Job::Scan {
                     scope: Scope::Paths(paths),
                     reply,
+                    early,
                 }) => {
                     hinted_paths.extend(paths);
-                    hinted.extend(reply);
+                    hinted.extend(reply.map(|reply| (reply, early)));
                     break;
                 }
                 Ok(other) => {
@@ -802,6 +829,9 @@ impl Worker {
                 // while they are made durable here; whoever asked for the
                 // scan is answered after that.
                 self.announce(&report, full, started.elapsed());
+                for reply in self.early_replies.drain(..) {
+                    let _ = reply.send(Ok(json!({})));
+                }
                 if let Some(told) = report.durability_due.filter(|_| !fault_not_durable()) {
                     match self.context.store.make_durable(self.shared.number, told) {
                         // Served only now: peers heard too early.
