@@ -1300,10 +1300,11 @@ impl Replicator {
                         .pushed_through
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    let at = pushed
+                    let now = std::time::Instant::now();
+                    pushed
                         .entry((peer, workspace))
-                        .or_insert((0, std::time::Instant::now()));
-                    *at = (at.0.max(through), std::time::Instant::now());
+                        .and_modify(|(at, when)| (*at, *when) = ((*at).max(through), now))
+                        .or_insert((through, now));
                 }
                 let mut telling = this.telling.lock().unwrap_or_else(|e| e.into_inner());
                 match telling.get_mut(&(peer, workspace)) {

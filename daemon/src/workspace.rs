@@ -441,23 +441,7 @@ impl Worker {
                 Job::Stop => return,
                 Job::Changed(paths) => {
                     let (batch, hinted) = self.gather(paths);
-                    let mut replies = Vec::new();
-                    for (reply, early) in hinted {
-                        if early {
-                            self.early_replies.push(reply);
-                        } else {
-                            replies.push(reply);
-                        }
-                    }
-                    let result = if self.is_paused() {
-                        Err(self.paused_error())
-                    } else {
-                        self.scan_changed(batch)
-                    };
-                    replies.append(&mut self.early_replies);
-                    for reply in replies {
-                        let _ = reply.send(result.clone().map(|_| json!({})));
-                    }
+                    self.scan_answering(hinted, |worker| worker.scan_changed(batch));
                 }
                 Job::WatcherTrouble(reason) => {
                     if !self.degraded() {
@@ -472,19 +456,8 @@ impl Worker {
                     reply,
                     early,
                 } => {
-                    let mut reply = reply;
-                    if early {
-                        self.early_replies.extend(reply.take());
-                    }
-                    let result = if self.is_paused() {
-                        Err(self.paused_error())
-                    } else {
-                        self.scan(scope, false)
-                    };
-                    let result = result.map(|_| json!({}));
-                    for reply in reply.into_iter().chain(self.early_replies.drain(..)) {
-                        let _ = reply.send(result.clone());
-                    }
+                    let replies = reply.map(|reply| (reply, early)).into_iter().collect();
+                    self.scan_answering(replies, |worker| worker.scan(scope, false).map(drop));
                 }
                 Job::Flush { reply } => {
                     let result = self.flush();
@@ -577,6 +550,34 @@ impl Worker {
             let _ = self.scan(Scope::Paths(paths), false);
         } else {
             let _ = self.scan(Scope::Full, false);
+        }
+    }
+
+    /// Runs `scan` unless the workspace is paused, and answers `replies`
+    /// with the outcome: the early ones (see `Job::Scan::early`) as soon as
+    /// the scan has told peers, the others, and early ones it never got
+    /// to, at the end.
+    fn scan_answering(
+        &mut self,
+        replies: Vec<(Reply, bool)>,
+        scan: impl FnOnce(&mut Self) -> Result<(), RpcError>,
+    ) {
+        let mut late = Vec::new();
+        for (reply, early) in replies {
+            if early {
+                self.early_replies.push(reply);
+            } else {
+                late.push(reply);
+            }
+        }
+        let result = if self.is_paused() {
+            Err(self.paused_error())
+        } else {
+            scan(self)
+        };
+        let result = result.map(|()| json!({}));
+        for reply in late.into_iter().chain(self.early_replies.drain(..)) {
+            let _ = reply.send(result.clone());
         }
     }
 

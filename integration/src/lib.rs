@@ -187,10 +187,7 @@ impl Device {
             paths: HomePaths::in_dir(&home),
             home,
             child: None,
-            extra_env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            extra_env: owned_env(env),
             netns: None,
             port: None,
         };
@@ -500,10 +497,7 @@ impl Device {
     /// started with.
     pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         self.kill9();
-        self.extra_env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        self.extra_env = owned_env(env);
         self.launch();
     }
 
@@ -525,6 +519,12 @@ impl Device {
         let report = self.ok("store.verify", json!({}));
         assert_eq!(report["ok"], true, "store verification failed: {report}");
     }
+}
+
+fn owned_env(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Drop for Device {

@@ -1859,6 +1859,14 @@ mod change_feed_tests {
     }
 
     /// An entry for a directory (no chunks needed).
+    /// A batch of these index entries and nothing else.
+    fn upserts(files: Vec<IndexedFile>) -> Batch {
+        Batch {
+            upserts: files,
+            ..Default::default()
+        }
+    }
+
     fn directory(path: &str, sequence: u64, version: VersionVector) -> IndexedFile {
         IndexedFile {
             entry: FileEntry {
@@ -1885,10 +1893,7 @@ mod change_feed_tests {
         let store = Store::open(&dir.path().join("db.redb")).unwrap();
         let ws = store.add_workspace(&record(9)).unwrap();
         let entry = |path: &str, sequence: u64| directory(path, sequence, VersionVector::new());
-        let batch = Batch {
-            upserts: vec![entry("a", 1), entry("b", 2)],
-            ..Default::default()
-        };
+        let batch = upserts(vec![entry("a", 1), entry("b", 2)]);
         store.commit_batch(ws, &batch, 3, false).unwrap();
         // Not durable yet: not served.
         assert_eq!(store.changes_since(ws, 0, 10).unwrap().entries.len(), 0);
@@ -1903,11 +1908,9 @@ mod change_feed_tests {
             (c.entries.len(), c.more, c.covered, c.head),
             (1, true, 1, 2)
         );
-        let batch = Batch {
-            upserts: vec![entry("c", 3)],
-            ..Default::default()
-        };
-        store.commit_batch(ws, &batch, 4, true).unwrap();
+        store
+            .commit_batch(ws, &upserts(vec![entry("c", 3)]), 4, true)
+            .unwrap();
         let c = store.changes_since(ws, 2, 10).unwrap();
         assert_eq!((c.entries.len(), c.covered, c.head), (1, 3, 3));
     }
@@ -1929,13 +1932,9 @@ mod change_feed_tests {
             version.bump_at(me, store.issue_version_counter(&version));
             directory(path, sequence, version)
         };
-        let one = |file: IndexedFile| Batch {
-            upserts: vec![file],
-            ..Default::default()
-        };
         // No durable lease yet: only durable entries are served.
         let told = store
-            .commit_batch(ws, &one(versioned("a", 1)), 2, false)
+            .commit_batch(ws, &upserts(vec![versioned("a", 1)]), 2, false)
             .unwrap();
         assert_eq!(store.changes_since(ws, 0, 10).unwrap().entries.len(), 0);
         assert!(store.make_durable(ws, told).unwrap(), "served only now");
@@ -1943,7 +1942,7 @@ mod change_feed_tests {
 
         // With the lease durable, a commit without durability is served.
         let told = store
-            .commit_batch(ws, &one(versioned("b", 2)), 3, false)
+            .commit_batch(ws, &upserts(vec![versioned("b", 2)]), 3, false)
             .unwrap();
         assert_eq!(told, 3);
         let served = store.changes_since(ws, 0, 10).unwrap();
@@ -2007,23 +2006,19 @@ mod change_feed_tests {
         let store = Store::open(&dir.path().join("db.redb")).unwrap();
         let ws = store.add_workspace(&record(4)).unwrap();
         let entry = |path: &str, sequence: u64| directory(path, sequence, VersionVector::new());
-        let batch = |files: Vec<IndexedFile>| Batch {
-            upserts: files,
-            ..Default::default()
-        };
         store
-            .commit_batch(ws, &batch(vec![entry("a", 1), entry("b", 2)]), 3, true)
+            .commit_batch(ws, &upserts(vec![entry("a", 1), entry("b", 2)]), 3, true)
             .unwrap();
         assert!(matches!(
-            store.commit_batch(ws, &batch(vec![entry("c", 2)]), 3, true),
+            store.commit_batch(ws, &upserts(vec![entry("c", 2)]), 3, true),
             Err(StoreError::Renumbered)
         ));
         assert!(matches!(
-            store.commit_batch(ws, &batch(vec![entry("a", 2)]), 3, true),
+            store.commit_batch(ws, &upserts(vec![entry("a", 2)]), 3, true),
             Err(StoreError::Renumbered)
         ));
         store
-            .commit_batch(ws, &batch(vec![entry("a", 1), entry("c", 3)]), 4, true)
+            .commit_batch(ws, &upserts(vec![entry("a", 1), entry("c", 3)]), 4, true)
             .unwrap();
         assert_eq!(store.changes_since(ws, 0, 10).unwrap().head, 3);
     }
@@ -2049,11 +2044,9 @@ mod change_feed_tests {
             }
             // A counter issued for a fresh vector still moves past them.
             assert_eq!(store.issue_version_counter(&VersionVector::new()), 4);
-            let batch = Batch {
-                upserts: vec![versioned(version)],
-                ..Default::default()
-            };
-            store.commit_batch(ws, &batch, 2, true).unwrap();
+            store
+                .commit_batch(ws, &upserts(vec![versioned(version)]), 2, true)
+                .unwrap();
             store.remove_workspace(ws).unwrap();
         }
         let store = Store::open(&path).unwrap();
