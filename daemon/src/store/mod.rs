@@ -256,6 +256,9 @@ impl Drop for Pins {
 #[derive(Default)]
 pub struct Batch {
     pub chunks: Vec<EncodedChunk>,
+    /// Whether `chunks` came from a peer: counted as fetched (see
+    /// [`StoreStats::fetched_chunks`]).
+    pub chunks_fetched: bool,
     pub upserts: Vec<IndexedFile>,
     /// Paths to drop from the index without a tombstone (now ignored).
     pub forget: Vec<RelPath>,
@@ -739,6 +742,7 @@ impl Store {
         Ok(ChunkReader {
             info: txn.open_table(CHUNK_INFO)?,
             data: txn.open_table(CHUNK_DATA)?,
+            received: Vec::new(),
         })
     }
 
@@ -811,45 +815,10 @@ impl Store {
     /// or an interrupted transfer never fetches them again. Pin them first.
     /// Counts them, in the same commit, in [`StoreStats::fetched_chunks`].
     pub fn commit_fetched_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
-        self.commit_received_chunks(chunks, true)
-    }
-
-    /// [`Store::commit_fetched_chunks`], not durable by itself: for the few
-    /// small chunks a peer pushed with a change, made durable by the
-    /// commit of the entries that use them (before that, a crash only means
-    /// asking for them).
-    pub fn commit_pushed_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
-        self.commit_received_chunks(chunks, false)
-    }
-
-    fn commit_received_chunks(&self, chunks: &[EncodedChunk], durable: bool) -> Result<()> {
-        let txn = self.begin_write_with(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
+        let txn = self.begin_write()?;
         insert_chunks(&txn, chunks)?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let (mut count, mut bytes) = meta
-                .get(FETCHED_KEY)?
-                .and_then(|v| <[u8; 16]>::try_from(v.value()).ok())
-                .map(|b| {
-                    let (c, s) = b.split_at(8);
-                    (
-                        u64::from_le_bytes(c.try_into().unwrap_or_default()),
-                        u64::from_le_bytes(s.try_into().unwrap_or_default()),
-                    )
-                })
-                .unwrap_or((0, 0));
-            count += chunks.len() as u64;
-            bytes += chunks.iter().map(|c| c.stored.len() as u64).sum::<u64>();
-            let mut value = [0u8; 16];
-            value[..8].copy_from_slice(&count.to_le_bytes());
-            value[8..].copy_from_slice(&bytes.to_le_bytes());
-            meta.insert(FETCHED_KEY, value.as_slice())?;
-        }
-        self.commit_marked(txn, durable, None, None, false)?;
+        count_fetched(&txn, chunks)?;
+        self.commit_marked(txn, true, None, None, false)?;
         Ok(())
     }
 
@@ -935,6 +904,9 @@ impl Store {
                 }
             };
             insert_chunks(&txn, &batch.chunks)?;
+            if batch.chunks_fetched {
+                count_fetched(&txn, &batch.chunks)?;
+            }
             let mut files = txn.open_table(FILES)?;
             let mut sequences = txn.open_table(SEQUENCES)?;
             for file in &batch.upserts {
@@ -1456,6 +1428,33 @@ fn highest_counter(files: &impl ReadableTable<(u32, &'static str), &'static [u8]
 }
 
 /// Writes the chunks the store lacks as one new pack.
+/// Counts `chunks`, received from peers, in [`StoreStats::fetched_chunks`]
+/// and [`StoreStats::fetched_bytes`].
+fn count_fetched(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Result<()> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let mut meta = txn.open_table(META)?;
+    let (mut count, mut bytes) = meta
+        .get(FETCHED_KEY)?
+        .and_then(|v| <[u8; 16]>::try_from(v.value()).ok())
+        .map(|b| {
+            let (c, s) = b.split_at(8);
+            (
+                u64::from_le_bytes(c.try_into().unwrap_or_default()),
+                u64::from_le_bytes(s.try_into().unwrap_or_default()),
+            )
+        })
+        .unwrap_or((0, 0));
+    count += chunks.len() as u64;
+    bytes += chunks.iter().map(|c| c.stored.len() as u64).sum::<u64>();
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&count.to_le_bytes());
+    value[8..].copy_from_slice(&bytes.to_le_bytes());
+    meta.insert(FETCHED_KEY, value.as_slice())?;
+    Ok(())
+}
+
 fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Result<()> {
     if chunks.is_empty() {
         return Ok(());
@@ -1591,11 +1590,31 @@ pub struct ChangesSince {
 pub struct ChunkReader {
     info: redb::ReadOnlyTable<[u8; 32], (u64, u32, u32, u32)>,
     data: redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
+    /// Verified chunks not stored yet, read as if they were.
+    received: Vec<EncodedChunk>,
 }
 
 impl ChunkReader {
+    /// This reader, reading `chunks` too: verified chunks a peer pushed
+    /// with the entries being applied, stored by the commit of those
+    /// entries (`Batch::chunks`) rather than by one of their own before
+    /// the files are written.
+    pub fn with_received(mut self, chunks: Vec<EncodedChunk>) -> ChunkReader {
+        self.received = chunks;
+        self
+    }
+
+    /// The chunks [`ChunkReader::with_received`] gave, for their commit.
+    pub fn take_received(&mut self) -> Vec<EncodedChunk> {
+        std::mem::take(&mut self.received)
+    }
+
+    fn received(&self, hash: &ChunkHash) -> Option<&EncodedChunk> {
+        self.received.iter().find(|c| c.hash == *hash)
+    }
+
     pub fn contains(&self, hash: &ChunkHash) -> Result<bool> {
-        Ok(self.info.get(hash.0)?.is_some())
+        Ok(self.received(hash).is_some() || self.info.get(hash.0)?.is_some())
     }
 
     /// Chunk `hash`'s bytes, verified against it.
@@ -1612,6 +1631,9 @@ impl ChunkReader {
     }
 
     fn read_record(&self, hash: &ChunkHash) -> Result<Vec<u8>> {
+        if let Some(chunk) = self.received(hash) {
+            return Ok(chunk.stored.clone());
+        }
         let at = self
             .stored_at(hash)?
             .ok_or(StoreError::MissingChunk(*hash))?;
@@ -1838,6 +1860,41 @@ mod tests {
             ));
         }
         assert!(store.verify().unwrap().corrupt.is_empty());
+    }
+
+    /// A peer's pushed chunks are read before they are stored, then stored
+    /// (and counted as fetched) by the commit of the entries that use them.
+    #[test]
+    fn received_chunks_are_read_before_they_are_stored_with_their_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        let ws = store.add_workspace(&record(3)).unwrap();
+        let data = b"a save on a peer".to_vec();
+        let (entry, chunk) = file("saved.txt", &data, false);
+        let hash = chunk.hash;
+        let len = data.len() as u32;
+        let stored_len = chunk.stored.len() as u64;
+
+        let mut reader = store.reader().unwrap().with_received(vec![chunk]);
+        assert!(reader.contains(&hash).unwrap());
+        assert_eq!(&reader.read(&hash, len).unwrap()[..], &data[..]);
+        assert_eq!(&reader.read_unhashed(&hash, len).unwrap()[..], &data[..]);
+        // Not in the store yet: another reader does not see it.
+        assert!(!store.reader().unwrap().contains(&hash).unwrap());
+
+        let batch = Batch {
+            chunks: reader.take_received(),
+            chunks_fetched: true,
+            upserts: vec![entry],
+            forget: Vec::new(),
+        };
+        drop(reader);
+        store.commit_batch(ws, &batch, 2, true).unwrap();
+        let reader = store.reader().unwrap();
+        assert_eq!(&reader.read(&hash, len).unwrap()[..], &data[..]);
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.chunks, stats.fetched_chunks), (1, 1));
+        assert_eq!(stats.fetched_bytes, stored_len);
     }
 }
 
