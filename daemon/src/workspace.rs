@@ -63,9 +63,10 @@ pub enum Job {
     Scan {
         scope: Scope,
         reply: Option<Reply>,
-        /// Answered once peers are told, before the scan's durable commit
-        /// (the IDE's hint without `--wait`: it promises no durability,
-        /// and the file itself is what a crash would scan again).
+        /// Answered once the scan's changes are stored, just before peers
+        /// are told and before the scan's durable commit (the IDE's hint
+        /// without `--wait`: it promises no durability, and the file
+        /// itself is what a crash would scan again).
         early: bool,
     },
     /// Index every change made before this job was sent.
@@ -394,8 +395,8 @@ struct Worker {
     /// this time; and the wait before the next try if it fails too.
     repair_due: Option<Instant>,
     repair_backoff: Duration,
-    /// Replies to send as soon as the scan running now has told peers
-    /// (see `Job::Scan::early`).
+    /// Replies to send as soon as the scan running now has stored its
+    /// changes (see `Job::Scan::early`).
     early_replies: Vec<Reply>,
 }
 
@@ -565,8 +566,8 @@ impl Worker {
 
     /// Runs `scan` unless the workspace is paused, and answers `replies`
     /// with the outcome: the early ones (see `Job::Scan::early`) as soon as
-    /// the scan has told peers, the others, and early ones it never got
-    /// to, at the end.
+    /// the scan has stored its changes, the others, and early ones it
+    /// never got to, at the end.
     fn scan_answering(
         &mut self,
         replies: Vec<(Reply, bool)>,
@@ -838,10 +839,10 @@ impl Worker {
                 self.retry.extend(report.unstable.iter().cloned());
                 // Peers hear of a small scan's changes now and pull them
                 // while they are made durable here; whoever asked for the
-                // scan is answered after that.
-                // Answered first: a reply woken after the announcement
+                // scan is answered after that, but for the early replies,
+                // which go first: woken after the announcement, a reply
                 // waited for the runtime's threads to carry that to the
-                // peers (0.4 to 1.9 ms); the announcement is queued
+                // peers (0.4 to 1.9 ms), and the announcement is queued
                 // microseconds later, before anything else happens here.
                 for reply in self.early_replies.drain(..) {
                     let _ = reply.send(Ok(json!({})));
@@ -1191,7 +1192,20 @@ impl Worker {
                 }
             }
         }
-        batch.chunks = reader.take_received();
+        // Received chunks go in with the entries that use them. Those the
+        // store has already (the same save relayed by another peer) or
+        // no applied entry uses are left out: a batch of nothing else
+        // would cost an fsync for nothing, and a retry fetches them.
+        let pushed = reader.take_received();
+        let used: std::collections::HashSet<ChunkHash> = batch
+            .upserts
+            .iter()
+            .flat_map(|f| f.entry.chunks.iter().map(|c| c.hash))
+            .collect();
+        batch.chunks = pushed
+            .into_iter()
+            .filter(|c| used.contains(&c.hash) && !reader.stored(&c.hash).unwrap_or(false))
+            .collect();
         batch.chunks_fetched = true;
         drop(reader);
         for pending in prewritten.into_values().flatten() {
@@ -1210,9 +1224,7 @@ impl Worker {
         let renamed_us = started.elapsed().as_micros() as u64;
         // Entries the index already had (a peer relaying our own changes
         // back, say) change nothing: no commit, and no fsync for nothing.
-        // Chunks received with them are stored all the same (counted as
-        // fetched when they came, they are stored as fetched).
-        if !(batch.upserts.is_empty() && batch.forget.is_empty() && batch.chunks.is_empty()) {
+        if !(batch.upserts.is_empty() && batch.forget.is_empty()) {
             store
                 .commit_batch(number, &batch, next, true)
                 .map_err(store_err)?;

@@ -813,11 +813,12 @@ impl Store {
 
     /// Commits verified chunks fetched from a peer, durably, so that a crash
     /// or an interrupted transfer never fetches them again. Pin them first.
-    /// Counts them, in the same commit, in [`StoreStats::fetched_chunks`].
+    /// Counts those it lacked, in the same commit, in
+    /// [`StoreStats::fetched_chunks`].
     pub fn commit_fetched_chunks(&self, chunks: &[EncodedChunk]) -> Result<()> {
         let txn = self.begin_write()?;
-        insert_chunks(&txn, chunks)?;
-        count_fetched(&txn, chunks)?;
+        let inserted = insert_chunks(&txn, chunks)?;
+        count_fetched(&txn, inserted)?;
         self.commit_marked(txn, true, None, None, false)?;
         Ok(())
     }
@@ -903,9 +904,9 @@ impl Store {
                     )));
                 }
             };
-            insert_chunks(&txn, &batch.chunks)?;
+            let inserted = insert_chunks(&txn, &batch.chunks)?;
             if batch.chunks_fetched {
-                count_fetched(&txn, &batch.chunks)?;
+                count_fetched(&txn, inserted)?;
             }
             let mut files = txn.open_table(FILES)?;
             let mut sequences = txn.open_table(SEQUENCES)?;
@@ -1427,15 +1428,15 @@ fn highest_counter(files: &impl ReadableTable<(u32, &'static str), &'static [u8]
     Ok(top)
 }
 
-/// Writes the chunks the store lacks as one new pack.
-/// Counts `chunks`, received from peers, in [`StoreStats::fetched_chunks`]
-/// and [`StoreStats::fetched_bytes`].
-fn count_fetched(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Result<()> {
-    if chunks.is_empty() {
+/// Counts `inserted` (chunks and their stored bytes), received from
+/// peers and new to the store, in [`StoreStats::fetched_chunks`] and
+/// [`StoreStats::fetched_bytes`]: chunks that came twice count once.
+fn count_fetched(txn: &redb::WriteTransaction, inserted: (u64, u64)) -> Result<()> {
+    if inserted.0 == 0 {
         return Ok(());
     }
     let mut meta = txn.open_table(META)?;
-    let (mut count, mut bytes) = meta
+    let (count, bytes) = meta
         .get(FETCHED_KEY)?
         .and_then(|v| <[u8; 16]>::try_from(v.value()).ok())
         .map(|b| {
@@ -1446,18 +1447,18 @@ fn count_fetched(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Resul
             )
         })
         .unwrap_or((0, 0));
-    count += chunks.len() as u64;
-    bytes += chunks.iter().map(|c| c.stored.len() as u64).sum::<u64>();
     let mut value = [0u8; 16];
-    value[..8].copy_from_slice(&count.to_le_bytes());
-    value[8..].copy_from_slice(&bytes.to_le_bytes());
+    value[..8].copy_from_slice(&(count + inserted.0).to_le_bytes());
+    value[8..].copy_from_slice(&(bytes + inserted.1).to_le_bytes());
     meta.insert(FETCHED_KEY, value.as_slice())?;
     Ok(())
 }
 
-fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Result<()> {
+/// Writes the chunks the store lacks as one new pack; how many it wrote,
+/// and their stored bytes.
+fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Result<(u64, u64)> {
     if chunks.is_empty() {
-        return Ok(());
+        return Ok((0, 0));
     }
     let mut data = txn.open_table(CHUNK_DATA)?;
     let mut info = txn.open_table(CHUNK_INFO)?;
@@ -1475,6 +1476,7 @@ fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Resul
         total += chunk.stored.len();
         packed.push(&chunk.stored);
     }
+    let inserted = packed.len() as u64;
     // Each part is filled in place in redb's page: no copy of the whole
     // pack is ever assembled (it cost a copy of every byte and as much
     // memory again as the chunks).
@@ -1498,7 +1500,7 @@ fn insert_chunks(txn: &redb::WriteTransaction, chunks: &[EncodedChunk]) -> Resul
             carry = &carry[n..];
         }
     }
-    Ok(())
+    Ok((inserted, total as u64))
 }
 
 /// The `stored` bytes at `offset` of `pack`, from the parts that hold them.
@@ -1614,7 +1616,13 @@ impl ChunkReader {
     }
 
     pub fn contains(&self, hash: &ChunkHash) -> Result<bool> {
-        Ok(self.received(hash).is_some() || self.info.get(hash.0)?.is_some())
+        Ok(self.received(hash).is_some() || self.stored(hash)?)
+    }
+
+    /// Whether the store itself has chunk `hash` (not counting received
+    /// ones).
+    pub fn stored(&self, hash: &ChunkHash) -> Result<bool> {
+        Ok(self.info.get(hash.0)?.is_some())
     }
 
     /// Chunk `hash`'s bytes, verified against it.
@@ -1892,6 +1900,13 @@ mod tests {
         store.commit_batch(ws, &batch, 2, true).unwrap();
         let reader = store.reader().unwrap();
         assert_eq!(&reader.read(&hash, len).unwrap()[..], &data[..]);
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.chunks, stats.fetched_chunks), (1, 1));
+        assert_eq!(stats.fetched_bytes, stored_len);
+        // The same chunk again (another peer relayed the save): stored
+        // once, counted once.
+        let (_, again) = file("saved.txt", &data, false);
+        store.commit_fetched_chunks(&[again]).unwrap();
         let stats = store.stats().unwrap();
         assert_eq!((stats.chunks, stats.fetched_chunks), (1, 1));
         assert_eq!(stats.fetched_bytes, stored_len);
