@@ -916,13 +916,13 @@ impl Store {
                     .get((workspace, path))?
                     .map(|v| records::decode::<IndexedFile>(v.value()))
                     .transpose()?;
-                let renumbered = old
+                let same_number = old
                     .as_ref()
-                    .is_none_or(|old| old.entry.sequence != file.entry.sequence);
-                if renumbered && file.entry.sequence < record.next_sequence {
+                    .is_some_and(|old| old.entry.sequence == file.entry.sequence);
+                if !same_number && file.entry.sequence < record.next_sequence {
                     return Err(StoreError::Renumbered);
                 }
-                if let Some(old) = old.filter(|old| old.entry.sequence != file.entry.sequence) {
+                if let Some(old) = old.filter(|_| !same_number) {
                     sequences.remove((workspace, old.entry.sequence))?;
                 }
                 files.insert((workspace, path), records::encode(file).as_slice())?;
@@ -1930,7 +1930,6 @@ mod change_feed_tests {
         }
     }
 
-    /// An entry for a directory (no chunks needed).
     /// A batch of these index entries and nothing else.
     fn upserts(files: Vec<IndexedFile>) -> Batch {
         Batch {
@@ -1939,6 +1938,7 @@ mod change_feed_tests {
         }
     }
 
+    /// An entry for a directory (no chunks needed).
     fn directory(path: &str, sequence: u64, version: VersionVector) -> IndexedFile {
         IndexedFile {
             entry: FileEntry {
