@@ -8,6 +8,9 @@
 //! ([`daemon_main`]) runs the daemon itself. The whole daemon linked in
 //! made every command start in 3.1 to 3.4 ms instead of 1.3 to 2: the
 //! dynamic loader relocated 33,000 pointers and faulted their pages in.
+//! For the same reason `touched`, run once per save, has a parser of its
+//! own ([`HintCli`]), and `mariesync` is linked statically on Linux with
+//! glibc (`daemon/rustc-wrapper.sh`).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
