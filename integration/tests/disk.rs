@@ -190,10 +190,17 @@ fn a_full_home_disk_resumes_once_there_is_room() {
         std::fs::read_to_string(root_a.join("from-b.txt")).unwrap(),
         "after the disk was full\n"
     );
-    // And settings take changes again; the one made while the disk was
-    // full is there if it was acknowledged, and only then.
-    let expected = if acknowledged { json!(15) } else { Value::Null };
-    assert_eq!(b.setting("editor.fontSize"), expected);
+    // And settings take changes again. The one made while the disk was
+    // full is there if it was acknowledged. If it was refused it may be
+    // there too: a commit that fails part way may have written all it
+    // needed (redb writes the new header, then flushes every page), just as
+    // a crash right before the answer would keep it. It is whole or absent.
+    let value = b.setting("editor.fontSize");
+    if acknowledged {
+        assert_eq!(value, json!(15));
+    } else {
+        assert!(value == Value::Null || value == json!(15), "{value}");
+    }
     b.ok(
         "settings.set",
         json!({"key": "editor.fontSize", "value": 16}),

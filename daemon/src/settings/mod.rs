@@ -55,8 +55,17 @@ fn invalid(message: impl Into<String>) -> RpcError {
     RpcError::new(ErrorCode::InvalidParams, message)
 }
 
+/// A failed commit may still have reached the disk whole (the database's
+/// new header can be written before a later page fails), so a refused
+/// change may show up once the database opens again, as after a crash
+/// right before an answer; the message says so.
 fn store_err(e: impl std::fmt::Display) -> RpcError {
-    RpcError::new(ErrorCode::StoreFailed, format!("cannot save settings: {e}"))
+    RpcError::new(
+        ErrorCode::StoreFailed,
+        format!(
+            "cannot save settings: {e} (whether this change was kept shows once the database opens again)"
+        ),
+    )
 }
 
 /// The actor of this device in every document.
