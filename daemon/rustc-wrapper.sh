@@ -12,7 +12,17 @@
 #
 # The daemon (`mariesyncd`), the FFI library and every dependency stay as
 # they are. Where static linking may not work (another OS, a cross build, no
-# static libc installed), the binary is linked as usual.
+# static libc installed), the binary is linked as usual. A static `mariesync`
+# never looks the user up in the system's user database (cli.rs, `main`).
+#
+# Cargo does not rebuild when this script or what it checks changes; it does
+# when the crate's sources do. `RUSTC_WORKSPACE_WRAPPER=` (empty) turns the
+# wrapper off, as on Windows, where cargo cannot run a shell script.
+case $1 in
+# Run as the compiler itself by an outer wrapper probing it (sccache runs
+# `rustc-wrapper.sh -vV`): pass the arguments to rustc.
+-*) exec "${RUSTC:-rustc}" "$@" ;;
+esac
 rustc=$1
 shift
 name='' type='' target='' prev=''

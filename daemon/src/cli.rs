@@ -39,8 +39,10 @@ struct Cli {
 /// The options every command takes.
 #[derive(Args, Debug, PartialEq)]
 struct GlobalArgs {
-    /// Keep all of this device's state under DIR.
-    #[arg(long, global = true, env = HOME_ENV, value_name = "DIR")]
+    /// Keep all of this device's state under DIR [env: MARIESYNC_HOME].
+    // The variable is read by `HomePaths::resolve`, which ignores it when
+    // empty (clap would refuse every command for an empty one).
+    #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
     /// Print exactly one JSON object on stdout.
     #[arg(long, global = true)]
@@ -497,19 +499,27 @@ enum StoreCommand {
 }
 
 /// `mariesync`: `daemon` runs [`DAEMON_BINARY`] instead.
-pub fn main() -> ExitCode {
-    main_with(exec_daemon)
+///
+/// `static_runtime`: this binary is linked with a static C runtime. It then
+/// never looks the user up in the system's user database, which only
+/// happens when no home is given and `HOME` is unset: glibc would load an
+/// NSS module into the static binary, and one it was not built with (as
+/// for users that `/etc/passwd` does not list: systemd-homed, LDAP) crashes
+/// it. The dynamically linked `mariesyncd` beside it, the same command
+/// line, runs the command instead.
+pub fn main(static_runtime: bool) -> ExitCode {
+    main_with(exec_daemon, static_runtime)
 }
 
 /// `mariesyncd`: the same command line, whose `daemon` runs here.
 pub fn daemon_main() -> ExitCode {
-    main_with(run_daemon)
+    main_with(run_daemon, false)
 }
 
 /// How the `daemon` command runs the daemon.
 type RunDaemon = fn(HomePaths, DaemonArgs) -> Result<(), Failure>;
 
-fn main_with(daemon: RunDaemon) -> ExitCode {
+fn main_with(daemon: RunDaemon, static_runtime: bool) -> ExitCode {
     let cli = match Cli::parse_args() {
         Ok(cli) => cli,
         Err(e) => {
@@ -522,7 +532,12 @@ fn main_with(daemon: RunDaemon) -> ExitCode {
         }
     };
     let json_output = cli.global.json;
-    match run(cli, daemon) {
+    let result = if static_runtime && cli.global.home.is_none() && needs_user_database() {
+        exec_beside()
+    } else {
+        run(cli, daemon)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json_output && !matches!(e, Failure::Reported(_)) {
@@ -695,9 +710,22 @@ fn run(cli: Cli, daemon: RunDaemon) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whether finding the home takes the system's user database: with no
+/// `MARIESYNC_HOME`, the platform directories start from `HOME`, and
+/// without it from the user's entry (Linux; elsewhere no C runtime is
+/// linked statically).
+fn needs_user_database() -> bool {
+    let unset = |name| std::env::var_os(name).is_none_or(|value| value.is_empty());
+    cfg!(target_os = "linux") && unset(HOME_ENV) && unset("HOME")
+}
+
+fn exec_daemon(_: HomePaths, _: DaemonArgs) -> Result<(), Failure> {
+    exec_beside()
+}
+
 /// Replaces this process with [`DAEMON_BINARY`] from this binary's
 /// directory, given the same arguments (and environment).
-fn exec_daemon(_: HomePaths, _: DaemonArgs) -> Result<(), Failure> {
+fn exec_beside() -> Result<(), Failure> {
     let me = std::env::current_exe()
         .map_err(|e| Failure::Other(format!("cannot tell where this program is: {e}")))?;
     let daemon = me.with_file_name(format!("{DAEMON_BINARY}{}", std::env::consts::EXE_SUFFIX));
@@ -1222,8 +1250,11 @@ mod tests {
     use super::*;
 
     fn parse(line: &str) -> (Option<String>, Result<String, clap::error::ErrorKind>) {
-        let args: Vec<&str> = line.split_whitespace().collect();
-        let hint = HintCli::try_parse_from(&args).ok().map(|hint| {
+        parse_args(&line.split_whitespace().collect::<Vec<_>>())
+    }
+
+    fn parse_args(args: &[&str]) -> (Option<String>, Result<String, clap::error::ErrorKind>) {
+        let hint = HintCli::try_parse_from(args).ok().map(|hint| {
             let HintCommand::Touched(touched) = hint.command;
             format!(
                 "{:?}",
@@ -1233,7 +1264,7 @@ mod tests {
                 }
             )
         });
-        let full = Cli::try_parse_from(&args)
+        let full = Cli::try_parse_from(args)
             .map(|cli| format!("{cli:?}"))
             .map_err(|e| e.kind());
         (hint, full)
@@ -1269,6 +1300,27 @@ mod tests {
         for line in left_to_the_whole_line {
             let (hint, _) = parse(line);
             assert_eq!(hint, None, "{line}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The same, for any short line of the words these parsers know.
+        #[test]
+        fn the_hint_parser_never_disagrees(
+            words in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "touched", "ws", "a.rs", "--wait", "--wait=true", "--json", "--home",
+                    "/h", "--", "-V", "-h", "--help", "help", "status", "ipc", "-x",
+                ]),
+                0..7,
+            )
+        ) {
+            let mut args = vec!["mariesync"];
+            args.extend(words);
+            let (hint, full) = parse_args(&args);
+            if let Some(hint) = hint {
+                proptest::prop_assert_eq!(Ok(hint), full, "{:?}", args);
+            }
         }
     }
 }

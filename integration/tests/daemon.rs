@@ -57,6 +57,60 @@ fn the_command_line_without_its_daemon_says_so() {
     assert!(output.status.success());
 }
 
+/// A user the system's files do not list (systemd-homed, LDAP), with no
+/// `HOME`: every command says it cannot find the home, whether the command
+/// line is linked statically or not (a statically linked glibc loading the
+/// system's NSS module crashed). Root only: it runs as another uid.
+#[test]
+fn a_user_without_home_or_passwd_entry_gets_an_error() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED a_user_without_home_or_passwd_entry_gets_an_error: needs root to run as a uid /etc/passwd does not list"
+        );
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // The binaries where that uid can run them.
+    let dir = temp_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = dir.path().join("mariesync");
+    std::fs::copy(bin(), &cli).unwrap();
+    std::fs::copy(
+        bin().with_file_name("mariesyncd"),
+        dir.path().join("mariesyncd"),
+    )
+    .unwrap();
+    let uid = 54_321;
+    let listed = std::fs::read_to_string("/etc/passwd").unwrap();
+    assert!(
+        !listed
+            .lines()
+            .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str())),
+        "uid {uid} is in /etc/passwd"
+    );
+    for args in [
+        &["status"][..],
+        &["touched", "w", "a.txt"],
+        &["--json", "id"],
+    ] {
+        let output = std::process::Command::new(&cli)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot find this user's home directory"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// SIGTERM shuts down cleanly (exit 0, socket removed); the next start
 /// finds everything.
 #[test]
