@@ -934,6 +934,32 @@ pub fn two_trusting_devices() -> (tempfile::TempDir, tempfile::TempDir, Device, 
     (dir_a, dir_b, a, b)
 }
 
+/// Puts the executable `from` at `to` without ever holding it open for
+/// writing where it can: a hard link. A copy cannot always run at once
+/// ("text file busy"): a process that another test's thread forks while
+/// the copy is open inherits the descriptor until it runs its own program;
+/// run a copy with [`output_of`].
+pub fn place_executable(from: &Path, to: &Path) {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+/// `command.output()`, started again while its program is "text file
+/// busy" (see [`place_executable`]); that lasts until another process runs
+/// its own program.
+pub fn output_of(command: &mut Command) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match command.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            result => return result.unwrap(),
+        }
+    }
+}
+
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("ms-").tempdir().unwrap()
 }

@@ -34,13 +34,13 @@ fn second_daemon_on_a_home_is_refused() {
 fn the_command_line_without_its_daemon_says_so() {
     let dir = temp_dir();
     let alone = dir.path().join("mariesync");
-    std::fs::copy(bin(), &alone).unwrap();
+    place_executable(&bin(), &alone);
     let home = dir.path().join("home");
-    let output = std::process::Command::new(&alone)
-        .args(["daemon", "--home"])
-        .arg(&home)
-        .output()
-        .unwrap();
+    let output = output_of(
+        std::process::Command::new(&alone)
+            .args(["daemon", "--home"])
+            .arg(&home),
+    );
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot run the daemon"), "{stderr}");
@@ -50,10 +50,7 @@ fn the_command_line_without_its_daemon_says_so() {
     );
     assert!(!home.exists(), "the home was made");
     // The other commands need no daemon binary.
-    let output = std::process::Command::new(&alone)
-        .arg("--version")
-        .output()
-        .unwrap();
+    let output = output_of(std::process::Command::new(&alone).arg("--version"));
     assert!(output.status.success());
 }
 
@@ -75,33 +72,31 @@ fn a_user_without_home_or_passwd_entry_gets_an_error() {
     let dir = temp_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cli = dir.path().join("mariesync");
-    std::fs::copy(bin(), &cli).unwrap();
-    std::fs::copy(
-        bin().with_file_name("mariesyncd"),
-        dir.path().join("mariesyncd"),
-    )
-    .unwrap();
-    let uid = 54_321;
-    let listed = std::fs::read_to_string("/etc/passwd").unwrap();
-    assert!(
-        !listed
-            .lines()
-            .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str())),
-        "uid {uid} is in /etc/passwd"
+    place_executable(&bin(), &cli);
+    place_executable(
+        &bin().with_file_name("mariesyncd"),
+        &dir.path().join("mariesyncd"),
     );
+    // A uid the system's files do not list.
+    let listed = std::fs::read_to_string("/etc/passwd").unwrap();
+    let uids: Vec<u32> = listed
+        .lines()
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect();
+    let uid = (54_321..).find(|uid| !uids.contains(uid)).unwrap();
     for args in [
         &["status"][..],
         &["touched", "w", "a.txt"],
         &["--json", "id"],
     ] {
-        let output = std::process::Command::new(&cli)
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .uid(uid)
-            .gid(uid)
-            .output()
-            .unwrap();
+        let output = output_of(
+            std::process::Command::new(&cli)
+                .args(args)
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .uid(uid)
+                .gid(uid),
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
