@@ -292,10 +292,6 @@ pub fn sync_batch(root: &Path) -> std::io::Result<()> {
 /// Whether [`Durability::Batched`] works on this platform.
 pub const BATCHED_DURABILITY: bool = cfg!(target_os = "linux");
 
-/// Files at least this large are written around the page cache, where the
-/// platform allows it ([`DirectWriter`]).
-const DIRECT_BYTES_MIN: u64 = 4 << 20;
-
 fn write_file(
     temp: &Path,
     entry: &ManifestEntry,
@@ -306,83 +302,18 @@ fn write_file(
         path: entry.path.to_string(),
         source,
     };
-    let open = |direct: bool| {
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(if entry.executable { 0o755 } else { 0o644 });
-        }
-        #[cfg(target_os = "linux")]
-        if direct {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.custom_flags(libc::O_DIRECT);
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = direct;
-        options.open(temp)
-    };
-    let file = if cfg!(target_os = "linux") && entry.size >= DIRECT_BYTES_MIN {
-        match write_chunks(open(true), entry, reader, DirectWriter::new) {
-            Ok(file) => Some(file),
-            // A file system without O_DIRECT, or with other alignment
-            // rules: the file is written again through the page cache.
-            Err(Failed::Io(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
-                match std::fs::remove_file(temp) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io(e)),
-                }
-                None
-            }
-            Err(e) => return Err(e.into_write_error(entry)),
-        }
-    } else {
-        None
-    };
-    let file = match file {
-        Some(file) => file,
-        None => write_chunks(open(false), entry, reader, |file| file)
-            .map_err(|e| e.into_write_error(entry))?,
-    };
-    set_mtime(&file, entry.mtime_ns);
-    if durability == Durability::Fsync {
-        file.sync_all().map_err(io)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if entry.executable { 0o755 } else { 0o644 });
     }
-    Ok(())
-}
-
-/// Why [`write_chunks`] stopped.
-enum Failed {
-    Io(std::io::Error),
-    Store(StoreError),
-    Hash,
-}
-
-impl Failed {
-    fn into_write_error(self, entry: &ManifestEntry) -> WriteError {
-        let path = entry.path.to_string();
-        match self {
-            Failed::Io(source) => WriteError::Io { path, source },
-            Failed::Store(source) => WriteError::Store { path, source },
-            Failed::Hash => WriteError::Io {
-                path,
-                source: std::io::Error::other("content does not match its hash"),
-            },
-        }
-    }
-}
-
-/// Writes `entry`'s chunks into the file `opened`, through the writer
-/// `wrap` makes of it, and checks the whole against the content hash.
-fn write_chunks<W: FinishWrite>(
-    opened: std::io::Result<File>,
-    entry: &ManifestEntry,
-    reader: &ChunkReader,
-    wrap: impl FnOnce(File) -> W,
-) -> Result<File, Failed> {
-    let mut writer = wrap(opened.map_err(Failed::Io)?);
+    let mut file = options.open(temp).map_err(io)?;
+    let store_error = |source| WriteError::Store {
+        path: entry.path.to_string(),
+        source,
+    };
     // The whole must match the content hash (a peer could pair valid
     // chunks with a wrong one), which covers every chunk's bytes: they are
     // hashed once, here, and each checked against its own hash only to
@@ -391,115 +322,24 @@ fn write_chunks<W: FinishWrite>(
     for chunk in &entry.chunks {
         let data = reader
             .read_unhashed(&chunk.hash, chunk.len)
-            .map_err(Failed::Store)?;
+            .map_err(store_error)?;
         hasher.update(&data);
-        writer.write_all(&data).map_err(Failed::Io)?;
+        file.write_all(&data).map_err(io)?;
     }
     if mariesync_protocol::ChunkHash::from(hasher.finalize()) != entry.content_hash {
         for chunk in &entry.chunks {
-            reader.read(&chunk.hash, chunk.len).map_err(Failed::Store)?;
+            reader.read(&chunk.hash, chunk.len).map_err(store_error)?;
         }
-        return Err(Failed::Hash);
+        return Err(WriteError::Io {
+            path: entry.path.to_string(),
+            source: std::io::Error::other("content does not match its hash"),
+        });
     }
-    writer.finish().map_err(Failed::Io)
-}
-
-/// A writer that may hold bytes back until it is finished.
-trait FinishWrite: Write {
-    fn finish(self) -> std::io::Result<File>;
-}
-
-impl FinishWrite for File {
-    fn finish(self) -> std::io::Result<File> {
-        Ok(self)
+    set_mtime(&file, entry.mtime_ns);
+    if durability == Durability::Fsync {
+        file.sync_all().map_err(io)?;
     }
-}
-
-/// Writes a file opened with `O_DIRECT`: from the process's buffer to the
-/// disk, without copying into the page cache first.
-///
-/// A received file is made durable before it is renamed, so the page cache
-/// only delays its bytes; and on a machine whose page cache is costly to
-/// fill (a VM whose host backs each fresh page), the copy dominated: 256 MiB
-/// by `dd conv=fsync` took 1.03 s of system CPU through fresh page cache,
-/// 0.13 s through pages just freed, 0.08 s with `oflag=direct`. Writes go
-/// out in aligned blocks of [`DIRECT_BUFFER`]; the last is padded to the
-/// alignment and the file cut back to its length.
-struct DirectWriter {
-    file: File,
-    buffer: Vec<u8>,
-    /// Where the aligned window starts in `buffer`.
-    start: usize,
-    filled: usize,
-    written: u64,
-}
-
-/// The alignment of `O_DIRECT` offsets, lengths and buffers: the logical
-/// block size of common disks, or a multiple of it.
-const DIRECT_ALIGN: usize = 4096;
-/// 256 KiB: each file being written holds one (files are written in
-/// parallel, and the receiver's peak RSS counts them).
-const DIRECT_BUFFER: usize = 256 << 10;
-
-impl DirectWriter {
-    fn new(file: File) -> DirectWriter {
-        let buffer = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
-        let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        DirectWriter {
-            file,
-            buffer,
-            start,
-            filled: 0,
-            written: 0,
-        }
-    }
-
-    /// Writes the first `len` bytes of the window, a multiple of the
-    /// alignment, in one call (a short write would leave the next one
-    /// unaligned: it is an error).
-    fn flush_window(&mut self, len: usize) -> std::io::Result<()> {
-        let window = &self.buffer[self.start..self.start + len];
-        let n = self.file.write(window)?;
-        if n != len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                format!("direct write of {len} bytes wrote {n}"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Write for DirectWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let n = data.len().min(DIRECT_BUFFER - self.filled);
-        let at = self.start + self.filled;
-        self.buffer[at..at + n].copy_from_slice(&data[..n]);
-        self.filled += n;
-        self.written += n as u64;
-        if self.filled == DIRECT_BUFFER {
-            self.flush_window(DIRECT_BUFFER)?;
-            self.filled = 0;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl FinishWrite for DirectWriter {
-    fn finish(mut self) -> std::io::Result<File> {
-        if self.filled > 0 {
-            let padded = self.filled.next_multiple_of(DIRECT_ALIGN);
-            let (from, to) = (self.start + self.filled, self.start + padded);
-            self.buffer[from..to].fill(0);
-            self.flush_window(padded)?;
-            self.file.set_len(self.written)?;
-        }
-        Ok(self.file)
-    }
+    Ok(())
 }
 
 fn set_mtime(file: &File, mtime_ns: i64) {
@@ -614,44 +454,6 @@ mod tests {
         // What is not there yet is not remembered (it is created later).
         resolve_inside_known(root, &rel("new/x.rs"), Some(&known)).unwrap();
         assert!(!known.lock().unwrap().contains(&root.join("new")));
-    }
-
-    /// Written in pieces of every size, around the page cache where the
-    /// file system allows it: the file holds exactly those bytes.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_direct_write_keeps_every_byte_and_the_length() {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        for len in [
-            1,
-            DIRECT_ALIGN - 1,
-            DIRECT_BUFFER,
-            DIRECT_BUFFER + 1,
-            3 * DIRECT_BUFFER + 4097,
-        ] {
-            let path = dir.path().join(format!("f{len}"));
-            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&path);
-            // Where the file system has no O_DIRECT, the same writer on a
-            // plain file still must get it right.
-            let file = file.unwrap_or_else(|_| File::create(&path).unwrap());
-            let mut writer = DirectWriter::new(file);
-            let mut rest = &bytes[..];
-            let mut piece = 1;
-            while !rest.is_empty() {
-                let n = piece.min(rest.len());
-                writer.write_all(&rest[..n]).unwrap();
-                rest = &rest[n..];
-                piece = piece * 3 + 1;
-            }
-            writer.finish().unwrap().sync_all().unwrap();
-            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{len} bytes");
-        }
     }
 
     /// A new version (empty: no chunks needed) of `path`.
