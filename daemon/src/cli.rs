@@ -77,17 +77,21 @@ impl Cli {
     fn parse_args() -> Result<Cli, clap::Error> {
         let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
         if args.iter().any(|arg| arg == "touched")
-            && let Ok(HintCli {
-                global,
-                command: HintCommand::Touched(touched),
-            }) = HintCli::try_parse_from(&args)
+            && let Ok(hint) = HintCli::try_parse_from(&args)
         {
-            return Ok(Cli {
-                global,
-                command: Command::Touched(touched),
-            });
+            return Ok(hint.into());
         }
         Cli::try_parse_from(args)
+    }
+}
+
+impl From<HintCli> for Cli {
+    fn from(hint: HintCli) -> Cli {
+        let HintCommand::Touched(touched) = hint.command;
+        Cli {
+            global: hint.global,
+            command: Command::Touched(touched),
+        }
     }
 }
 
@@ -1254,16 +1258,9 @@ mod tests {
     }
 
     fn parse_args(args: &[&str]) -> (Option<String>, Result<String, clap::error::ErrorKind>) {
-        let hint = HintCli::try_parse_from(args).ok().map(|hint| {
-            let HintCommand::Touched(touched) = hint.command;
-            format!(
-                "{:?}",
-                Cli {
-                    global: hint.global,
-                    command: Command::Touched(touched),
-                }
-            )
-        });
+        let hint = HintCli::try_parse_from(args)
+            .ok()
+            .map(|hint| format!("{:?}", Cli::from(hint)));
         let full = Cli::try_parse_from(args)
             .map(|cli| format!("{cli:?}"))
             .map_err(|e| e.kind());
