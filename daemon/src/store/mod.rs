@@ -759,10 +759,10 @@ impl Store {
         }
         drop(table);
         if let Some(v) = txn.open_table(META)?.get(FETCHED_KEY)?
-            && let Ok(b) = <[u8; 16]>::try_from(v.value())
+            && let Some((chunks, bytes)) = decode_fetched(v.value())
         {
-            stats.fetched_chunks = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
-            stats.fetched_bytes = u64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+            stats.fetched_chunks = chunks;
+            stats.fetched_bytes = bytes;
         }
         drop(txn);
         // redb reports its page accounting from a write transaction; this
@@ -1438,20 +1438,24 @@ fn count_fetched(txn: &redb::WriteTransaction, inserted: (u64, u64)) -> Result<(
     let mut meta = txn.open_table(META)?;
     let (count, bytes) = meta
         .get(FETCHED_KEY)?
-        .and_then(|v| <[u8; 16]>::try_from(v.value()).ok())
-        .map(|b| {
-            let (c, s) = b.split_at(8);
-            (
-                u64::from_le_bytes(c.try_into().unwrap_or_default()),
-                u64::from_le_bytes(s.try_into().unwrap_or_default()),
-            )
-        })
+        .and_then(|v| decode_fetched(v.value()))
         .unwrap_or((0, 0));
     let mut value = [0u8; 16];
     value[..8].copy_from_slice(&(count + inserted.0).to_le_bytes());
     value[8..].copy_from_slice(&(bytes + inserted.1).to_le_bytes());
     meta.insert(FETCHED_KEY, value.as_slice())?;
     Ok(())
+}
+
+/// The value at [`FETCHED_KEY`]: chunks and stored bytes fetched, each
+/// u64 LE; None if it is not 16 bytes.
+fn decode_fetched(value: &[u8]) -> Option<(u64, u64)> {
+    let value = <[u8; 16]>::try_from(value).ok()?;
+    let (chunks, bytes) = value.split_at(8);
+    Some((
+        u64::from_le_bytes(chunks.try_into().ok()?),
+        u64::from_le_bytes(bytes.try_into().ok()?),
+    ))
 }
 
 /// Writes the chunks the store lacks as one new pack; how many it wrote,
